@@ -1,0 +1,114 @@
+"""The result backend contract.
+
+A backend stores one *meta* document per task id: Celery's result document
+(``status``, ``result``, ``traceback``, ``children``, ``date_done``, ``task_id``, and
+with ``result_extended`` the request's ``name``, ``args``, ``kwargs``, ``worker``,
+``retries``, ``queue``). Backends differ only in where the document lives and how a
+reader learns that it changed; encoding is shared here.
+
+Semantics every implementation honours (checked by ``tests/contract/test_backend.py``):
+
+* ``store`` replaces the document, except that a stored ``SUCCESS`` is never replaced
+  by another state (a redelivered duplicate must not undo a success).
+* ``get`` returns ``None`` for an unknown id (readers report that as PENDING).
+* ``wait`` returns the document once it is in a ready state, or raises
+  :class:`~conveyor.errors.TimeoutError`; it sleeps between checks or listens, never spins.
+* Documents expire after ``expires`` seconds (``result_expires``); ``None`` keeps them.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from conveyor import serialization, states
+from conveyor.errors import DecodeError, TimeoutError
+
+Meta = dict[str, Any]
+
+POLL_FIRST = 0.0005
+POLL_MAX = 0.05
+
+
+class ResultBackend(ABC):
+    """Stores task states and results; safe to use from several threads."""
+
+    scheme: str = ""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        serializer: str = "json",
+        accept: Iterable[str] = ("json",),
+        expires: float | None = 86400.0,
+    ) -> None:
+        self.url = url
+        self.serializer = serializer
+        self.accept = serialization.normalize_accept(accept)
+        self.expires = expires
+
+    # -- encoding shared by every backend -----------------------------------------------
+    def encode(self, meta: Mapping[str, Any]) -> tuple[bytes, str, str]:
+        return serialization.dumps(dict(meta), self.serializer)
+
+    def decode(self, data: bytes, content_type: str | None = None,
+               content_encoding: str | None = None) -> Meta:
+        if content_type is None:
+            content_type, content_encoding = serialization.content_type_of(self.serializer)
+        meta = serialization.loads(data, content_type, content_encoding or "utf-8", self.accept)
+        if not isinstance(meta, dict):
+            raise DecodeError(f"result document is a {type(meta).__name__}, not a mapping")
+        return meta
+
+    # -- the contract -------------------------------------------------------------------
+    @abstractmethod
+    def store(self, task_id: str, meta: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    def get(self, task_id: str) -> Meta | None: ...
+
+    def get_many(self, task_ids: Iterable[str]) -> dict[str, Meta]:
+        found: dict[str, Meta] = {}
+        for task_id in task_ids:
+            meta = self.get(task_id)
+            if meta is not None:
+                found[task_id] = meta
+        return found
+
+    def wait(self, task_id: str, timeout: float | None = None) -> Meta:
+        """Poll with a backoff from 0.5 ms to 50 ms; backends that can listen override it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = POLL_FIRST
+        while True:
+            meta = self.get(task_id)
+            if meta is not None and meta.get("status") in states.READY_STATES:
+                return meta
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"task {task_id} not ready after {timeout}s")
+                interval = min(interval, left)
+            time.sleep(interval)
+            interval = min(interval * 2, POLL_MAX)
+
+    @abstractmethod
+    def forget(self, task_id: str) -> None: ...
+
+    @abstractmethod
+    def cleanup(self) -> int:
+        """Delete expired documents now; return how many."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def check(self) -> None:  # noqa: B027 - embedded backends are always reachable
+        """Raise :class:`~conveyor.errors.BackendUnavailable` if unreachable."""
+
+    def __enter__(self) -> ResultBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

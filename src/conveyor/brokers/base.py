@@ -1,0 +1,138 @@
+"""The broker contract: the few operations every broker provides.
+
+Everything else (encoding, routing decisions, retries, eta handling, leases kept alive
+while tasks run) is shared code above this contract.
+
+Semantics every implementation honours (checked by ``tests/contract/test_broker.py``):
+
+* ``publish`` routes through the named exchange exactly as AMQP would; the nameless
+  exchange ``""`` delivers straight to the queue named by the routing key. A message that
+  reaches no queue is dropped, as AMQP drops unroutable messages (``mandatory=False``).
+* ``delay`` makes a message invisible until that many seconds have passed; it waits in the
+  broker, not in any worker's memory.
+* ``fetch`` returns at most ``max_messages`` deliveries, blocking up to ``timeout`` seconds
+  for the first one. Each delivery is leased for ``visibility_timeout`` seconds: unless it
+  is acked, rejected or extended in time, it becomes visible again with
+  ``redelivered=True`` and a higher ``delivery_count``.
+* Higher ``priority`` (0-9) is served first where the broker supports priorities.
+* ``reject(requeue=False)`` dead-letters the message with its reason where the broker
+  can keep it; ``reject(requeue=True)`` makes it visible again at once.
+* ``defer`` gives a leased message back to be delivered no earlier than ``until`` (an
+  eta that arrived early); at-least-once: it is never lost between the two steps.
+* ``wake`` interrupts a ``fetch`` blocked in another thread (used at shutdown).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from conveyor.envelope import Delivery, Envelope
+from conveyor.routing import Binding, Exchange, Queue
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    name: str
+    ready: int
+    delayed: int = 0
+    leased: int = 0
+    dead: int = 0
+
+
+class Broker(ABC):
+    """A connection to one broker, safe to use from several threads."""
+
+    scheme: str = ""
+    supports_priority: bool = True
+    native_delay: bool = True
+
+    def __init__(self, url: str, *, visibility_timeout: float = 3600.0) -> None:
+        self.url = url
+        self.visibility_timeout = visibility_timeout
+
+    # -- topology ---------------------------------------------------------------------
+    @abstractmethod
+    def declare_exchange(self, exchange: Exchange) -> None: ...
+
+    @abstractmethod
+    def declare_queue(self, queue: Queue) -> None:
+        """Create the queue if missing, with its exchange and bindings."""
+
+    @abstractmethod
+    def bind(self, binding: Binding) -> None: ...
+
+    # -- producing --------------------------------------------------------------------
+    @abstractmethod
+    def publish(
+        self,
+        envelope: Envelope,
+        *,
+        exchange: str,
+        routing_key: str,
+        delay: float | None = None,
+    ) -> None: ...
+
+    def publish_many(
+        self, items: Sequence[tuple[Envelope, str, str]], *, delay: float | None = None
+    ) -> None:
+        """Publish ``(envelope, exchange, routing_key)`` triples; brokers batch this."""
+        for envelope, exchange, routing_key in items:
+            self.publish(envelope, exchange=exchange, routing_key=routing_key, delay=delay)
+
+    # -- consuming --------------------------------------------------------------------
+    @abstractmethod
+    def fetch(
+        self, queues: Sequence[str], max_messages: int, timeout: float
+    ) -> list[Delivery]: ...
+
+    @abstractmethod
+    def ack(self, delivery: Delivery) -> None: ...
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            self.ack(delivery)
+
+    @abstractmethod
+    def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None: ...
+
+    @abstractmethod
+    def extend(self, deliveries: Sequence[Delivery], seconds: float | None = None) -> None:
+        """Renew the leases of held deliveries by ``seconds`` (default: the lease length)."""
+
+    def defer(self, delivery: Delivery, until: float) -> None:
+        """Hand a leased message back, invisible until the UNIX time ``until``."""
+        delay = max(0.0, until - time.time())
+        self.publish(
+            delivery.envelope,
+            exchange="",
+            routing_key=delivery.queue,
+            delay=delay,
+        )
+        self.ack(delivery)
+
+    # -- administration ---------------------------------------------------------------
+    @abstractmethod
+    def purge(self, queue: str) -> int:
+        """Delete the ready and delayed messages of a queue; return how many."""
+
+    @abstractmethod
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """Depths of the named queues, or of every queue the broker knows."""
+
+    def wake(self) -> None:  # noqa: B027 - optional for brokers whose fetch never blocks long
+        """Interrupt a ``fetch`` blocked in another thread."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def check(self) -> None:  # noqa: B027 - embedded brokers are always reachable
+        """Raise :class:`~conveyor.errors.BrokerUnavailable` if the broker can't be reached."""
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
