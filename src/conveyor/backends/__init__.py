@@ -1,0 +1,30 @@
+"""Result backends by URL scheme, imported only when their URL is used."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from conveyor.backends.base import ResultBackend
+from conveyor.brokers import load_class, scheme_of
+
+__all__ = ["BACKEND_SCHEMES", "ResultBackend", "backend_from_url"]
+
+BACKEND_SCHEMES: dict[str, tuple[str, str, str | None]] = {
+    "memory": ("conveyor.backends.memory", "MemoryBackend", None),
+    "sqlite": ("conveyor.backends.sqlite", "SqliteBackend", None),
+}
+
+
+def backend_from_url(
+    url: str,
+    *,
+    serializer: str = "json",
+    accept: Iterable[str] = ("json",),
+    expires: float | None = 86400.0,
+    transport_options: Mapping[str, Any] | None = None,
+) -> ResultBackend:
+    cls = load_class(BACKEND_SCHEMES, scheme_of(url), "result backend")
+    backend: ResultBackend = cls(url, serializer=serializer, accept=accept, expires=expires,
+                                 **dict(transport_options or {}))
+    return backend

@@ -1,0 +1,114 @@
+"""Turning a call into a published message: route, declare once, encode, publish."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from conveyor import protocol
+from conveyor.protocol import Embed, TaskHeaders, TaskMessage
+from conveyor.request import current_request
+from conveyor.router import Target
+from conveyor.task import as_datetime
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+    from conveyor.brokers.base import Broker
+
+
+class Producer:
+    """Publishes task messages for one app; declares each queue once per broker."""
+
+    def __init__(self, app: Conveyor) -> None:
+        self.app = app
+        self._declared: set[tuple[int, str]] = set()
+        self._lock = threading.Lock()
+
+    def declare(self, broker: Broker, target: Target) -> None:
+        if target.queue is None:
+            return
+        key = (id(broker), target.queue.name)
+        if key in self._declared:
+            return
+        with self._lock:
+            if key not in self._declared:
+                broker.declare_queue(target.queue)
+                self._declared.add(key)
+
+    def build(
+        self,
+        name: str,
+        args: Any,
+        kwargs: Mapping[str, Any] | None,
+        options: Mapping[str, Any],
+    ) -> TaskMessage:
+        conf = self.app.conf
+        task_id = options.get("task_id") or protocol.new_id()
+        eta = as_datetime(options.get("eta"), relative=False)
+        countdown = options.get("countdown")
+        if eta is None and countdown is not None:
+            eta = as_datetime(float(countdown), relative=True)
+        parent = current_request()
+        in_task = parent.id is not None and not parent.called_directly
+        extra = dict(options.get("headers") or {})
+        if options.get("acks_late") is not None:
+            # Not a Celery header: Celery workers ignore it, ours ack late for this call.
+            extra["acks_late"] = bool(options["acks_late"])
+        headers = TaskHeaders(
+            id=task_id,
+            task=name,
+            eta=eta,
+            expires=as_datetime(options.get("expires"), relative=True),
+            retries=int(options.get("retries") or 0),
+            group=options.get("group_id"),
+            group_index=options.get("group_index"),
+            root_id=options.get("root_id") or (parent.root_id if in_task else None) or task_id,
+            parent_id=options.get("parent_id") or (parent.id if in_task else None),
+            shadow=options.get("shadow"),
+            time_limit=options.get("time_limit", conf.task_time_limit),
+            soft_time_limit=options.get("soft_time_limit", conf.task_soft_time_limit),
+            origin=options.get("origin"),
+            ignore_result=options.get("ignore_result"),
+            extra=extra,
+        )
+        link, link_error = options.get("link"), options.get("link_error")
+        embed = Embed(
+            callbacks=_signatures(link),
+            errbacks=_signatures(link_error),
+        )
+        delivery_mode = options.get("delivery_mode", conf.task_default_delivery_mode)
+        return TaskMessage(
+            headers=headers,
+            args=list(args or ()),
+            kwargs=dict(kwargs or {}),
+            embed=embed,
+            reply_to=options.get("reply_to") or "",
+            correlation_id=task_id,
+            priority=options.get("priority", conf.task_default_priority),
+            delivery_mode=1 if delivery_mode in (1, "transient") else 2,
+        )
+
+    def publish(self, message: TaskMessage, target: Target, options: Mapping[str, Any]) -> None:
+        conf = self.app.conf
+        envelope = protocol.encode_task(
+            message,
+            serializer=options.get("serializer") or conf.task_serializer,
+            compression=options.get("compression") or conf.task_compression,
+        )
+        broker = self.app.broker
+        self.declare(broker, target)
+        delay = None
+        if message.headers.eta is not None:
+            delay = (message.headers.eta - datetime.now(UTC)).total_seconds()
+            delay = delay if delay > 0 else None
+        broker.publish(envelope, exchange=target.exchange, routing_key=target.routing_key,
+                       delay=delay)
+
+
+def _signatures(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [dict(item) for item in items]

@@ -1,0 +1,311 @@
+"""Task messages <-> Celery protocol v2 envelopes (PROTOCOL.md section 1). Pure: no I/O.
+
+The producer builds a :class:`TaskMessage` and turns it into an :class:`Envelope` with
+:func:`encode_task`. The worker reads the headers first with :func:`read_headers` (cheap:
+no body decoding, enough to decide whether and when to run), and the body later, where the
+task runs, with :func:`decode_body`. Protocol v1 messages (everything in the body) are
+read too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from conveyor import serialization
+from conveyor.envelope import Envelope
+from conveyor.errors import MessageError
+
+REPR_LIMIT = 1024
+"""Celery truncates argsrepr/kwargsrepr; AMQP header frames must stay small."""
+
+EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
+
+_KNOWN_HEADERS = frozenset({
+    "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index", "retries",
+    "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr", "origin",
+    "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps", "compression",
+    "redelivered", "meth",
+})
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+_ORIGIN: list[str] = []
+
+
+def origin_name() -> str:
+    """``gen<pid>@<host>``, Celery's node name for a client process (cached per pid)."""
+    pid = os.getpid()
+    if not _ORIGIN or not _ORIGIN[0].startswith(f"gen{pid}@"):
+        _ORIGIN[:] = [f"gen{pid}@{socket.gethostname()}"]
+    return _ORIGIN[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Embed:
+    """The third body element: what runs after this task (canvas)."""
+
+    callbacks: list[dict[str, Any]] | None = None
+    errbacks: list[dict[str, Any]] | None = None
+    chain: list[dict[str, Any]] | None = None
+    chord: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "callbacks": self.callbacks,
+            "errbacks": self.errbacks,
+            "chain": self.chain,
+            "chord": self.chord,
+        }
+
+    @classmethod
+    def from_value(cls, value: Any) -> Embed:
+        if value is None:
+            return cls()
+        if not isinstance(value, Mapping):
+            raise MessageError(f"embed must be a mapping or null, not {type(value).__name__}")
+        return cls(
+            callbacks=value.get("callbacks"),
+            errbacks=value.get("errbacks"),
+            chain=value.get("chain"),
+            chord=value.get("chord"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHeaders:
+    """What a worker needs to decide about a message before decoding its body."""
+
+    id: str
+    task: str
+    eta: datetime | None = None
+    expires: datetime | None = None
+    retries: int = 0
+    group: str | None = None
+    group_index: int | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    shadow: str | None = None
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    origin: str | None = None
+    ignore_result: bool | None = None
+    argsrepr: str | None = None
+    kwargsrepr: str | None = None
+    replaced_task_nesting: int = 0
+    stamped_headers: list[str] | None = None
+    stamps: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    protocol: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """A task call: everything that travels, in one frozen value."""
+
+    headers: TaskHeaders
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    embed: Embed = field(default_factory=Embed)
+    reply_to: str = ""
+    correlation_id: str | None = None
+    priority: int | None = None
+    delivery_mode: int = 2
+
+    @property
+    def id(self) -> str:
+        return self.headers.id
+
+    @property
+    def task(self) -> str:
+        return self.headers.task
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat()
+
+
+def parse_time(value: Any, field_name: str) -> datetime | None:
+    """Read an eta/expires header; naive values are UTC (the app timezone default)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise MessageError(f"header {field_name!r} is not an ISO-8601 time: {value!r}") from exc
+    elif isinstance(value, (int, float)):
+        parsed = datetime.fromtimestamp(value, UTC)
+    else:
+        raise MessageError(f"header {field_name!r} has type {type(value).__name__}")
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= REPR_LIMIT else text[: REPR_LIMIT - 3] + "..."
+
+
+def encode_task(
+    message: TaskMessage,
+    *,
+    serializer: str = "json",
+    compression: str | None = None,
+    argsrepr: str | None = None,
+    kwargsrepr: str | None = None,
+) -> Envelope:
+    """Build the envelope Celery 5 would send for this call. Raises EncodeError."""
+    h = message.headers
+    body, content_type, content_encoding = serialization.dumps(
+        [list(message.args), dict(message.kwargs), message.embed.as_dict()], serializer
+    )
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": h.task,
+        "id": h.id,
+        "shadow": h.shadow,
+        "eta": _iso(h.eta),
+        "expires": _iso(h.expires),
+        "group": h.group,
+        "group_index": h.group_index,
+        "retries": h.retries,
+        "timelimit": [h.time_limit, h.soft_time_limit],
+        "root_id": h.root_id or h.id,
+        "parent_id": h.parent_id,
+        "argsrepr": argsrepr if argsrepr is not None else short_repr(tuple(message.args)),
+        "kwargsrepr": kwargsrepr if kwargsrepr is not None else short_repr(dict(message.kwargs)),
+        "origin": h.origin or origin_name(),
+        "ignore_result": h.ignore_result,
+        "replaced_task_nesting": h.replaced_task_nesting,
+        "stamped_headers": h.stamped_headers,
+        "stamps": h.stamps,
+    }
+    for key, value in h.extra.items():
+        headers.setdefault(key, value)
+    if compression:
+        body, headers["compression"] = serialization.compress(body, compression)
+    properties: dict[str, Any] = {
+        "correlation_id": message.correlation_id or h.id,
+        "reply_to": message.reply_to,
+        "delivery_mode": message.delivery_mode,
+        "priority": message.priority if message.priority is not None else 0,
+    }
+    if h.expires is not None:
+        expires = h.expires if h.expires.tzinfo else h.expires.replace(tzinfo=UTC)
+        left_ms = int((expires - datetime.now(UTC)).total_seconds() * 1000)
+        properties["expiration"] = str(max(0, left_ms))
+    return Envelope(body, content_type, content_encoding, headers, properties)
+
+
+def _time_limits(value: Any) -> tuple[float | None, float | None]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None, None
+    hard, soft = value
+    return (
+        float(hard) if isinstance(hard, (int, float)) else None,
+        float(soft) if isinstance(soft, (int, float)) else None,
+    )
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def headers_from_mapping(source: Mapping[str, Any], protocol: int) -> TaskHeaders:
+    task = source.get("task")
+    task_id = source.get("id")
+    if not isinstance(task, str) or not task:
+        raise MessageError("message has no task name")
+    if not isinstance(task_id, str) or not task_id:
+        raise MessageError(f"message for {task!r} has no task id")
+    retries = source.get("retries") or 0
+    group_index = source.get("group_index")
+    hard, soft = _time_limits(source.get("timelimit"))
+    stamps = source.get("stamps")
+    return TaskHeaders(
+        id=task_id,
+        task=task,
+        eta=parse_time(source.get("eta"), "eta"),
+        expires=parse_time(source.get("expires"), "expires"),
+        retries=int(retries) if isinstance(retries, (int, float)) else 0,
+        group=_optional_str(source.get("group", source.get("taskset"))),
+        group_index=int(group_index) if isinstance(group_index, int) else None,
+        root_id=_optional_str(source.get("root_id")),
+        parent_id=_optional_str(source.get("parent_id")),
+        shadow=_optional_str(source.get("shadow")),
+        time_limit=hard,
+        soft_time_limit=soft,
+        origin=_optional_str(source.get("origin")),
+        ignore_result=source.get("ignore_result")
+        if isinstance(source.get("ignore_result"), bool) else None,
+        argsrepr=_optional_str(source.get("argsrepr")),
+        kwargsrepr=_optional_str(source.get("kwargsrepr")),
+        replaced_task_nesting=int(source.get("replaced_task_nesting") or 0),
+        stamped_headers=source.get("stamped_headers"),
+        stamps=dict(stamps) if isinstance(stamps, Mapping) else {},
+        extra={k: v for k, v in source.items() if k not in _KNOWN_HEADERS},
+        protocol=protocol,
+    )
+
+
+def _decoded_payload(envelope: Envelope, accept: frozenset[str]) -> Any:
+    body = envelope.body
+    compression = envelope.headers.get("compression") if isinstance(
+        envelope.headers, Mapping) else None
+    if compression:
+        body = serialization.decompress(body, str(compression))
+    return serialization.loads(body, envelope.content_type, envelope.content_encoding, accept)
+
+
+def read_headers(envelope: Envelope, accept: frozenset[str]) -> TaskHeaders:
+    """Task metadata of a message; protocol v1 (metadata in the body) is read too.
+
+    Raises MessageError for what is not a task message, and the serialization errors
+    (ContentDisallowed, DecodeError) for a v1 body that can't be read.
+    """
+    headers = envelope.headers
+    if not isinstance(headers, Mapping):
+        raise MessageError("unknown message: headers are not a mapping")
+    if "task" in headers:
+        return headers_from_mapping(headers, protocol=2)
+    payload = _decoded_payload(envelope, accept)
+    if isinstance(payload, Mapping) and "task" in payload:
+        return headers_from_mapping(payload, protocol=1)
+    raise MessageError("unknown message: no task name in headers or body")
+
+
+def decode_body(
+    envelope: Envelope, accept: frozenset[str], protocol: int = 2
+) -> tuple[list[Any], dict[str, Any], Embed]:
+    """``(args, kwargs, embed)`` of a task message. Raises MessageError / DecodeError."""
+    payload = _decoded_payload(envelope, accept)
+    if protocol == 1 or isinstance(payload, Mapping):
+        if not isinstance(payload, Mapping):
+            raise MessageError("protocol 1 body is not a mapping")
+        args, kwargs = payload.get("args", []), payload.get("kwargs", {})
+        embed = Embed(callbacks=payload.get("callbacks"), errbacks=payload.get("errbacks"),
+                      chord=payload.get("chord"))
+    else:
+        if not isinstance(payload, (list, tuple)) or len(payload) != 3:
+            raise MessageError("body must be a 3-element array [args, kwargs, embed]")
+        args, kwargs, raw_embed = payload
+        embed = Embed.from_value(raw_embed)
+    if not isinstance(args, (list, tuple)):
+        raise MessageError(f"args must be an array, not {type(args).__name__}")
+    if not isinstance(kwargs, Mapping):
+        raise MessageError(f"kwargs must be an object, not {type(kwargs).__name__}")
+    return list(args), dict(kwargs), embed

@@ -1,0 +1,131 @@
+"""Results: ``AsyncResult[R]``, a handle on a task's state and return value."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from conveyor import states
+from conveyor.backends.meta import decode_exception
+from conveyor.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+    from conveyor.backends.base import Meta, ResultBackend
+
+R = TypeVar("R")
+
+
+class AsyncResult(Generic[R]):
+    """The state and result of one task, read from the app's result backend."""
+
+    def __init__(self, task_id: str, app: Conveyor) -> None:
+        self.id = task_id
+        self.app = app
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    @property
+    def task_id(self) -> str:
+        return self.id
+
+    @property
+    def backend(self) -> ResultBackend:
+        backend = self.app.backend
+        if backend is None:
+            raise ConfigurationError(
+                "no result backend is configured: pass backend=... to Conveyor() "
+                "or set result_backend"
+            )
+        return backend
+
+    def _meta(self) -> Meta:
+        return self.backend.get(self.id) or {"status": states.PENDING, "result": None,
+                                             "traceback": None, "task_id": self.id}
+
+    @property
+    def state(self) -> str:
+        return str(self._meta()["status"])
+
+    status = state
+
+    @property
+    def info(self) -> Any:
+        """The return value, or the exception for failure states."""
+        return self._value(self._meta())
+
+    result = info
+
+    @property
+    def traceback(self) -> str | None:
+        value = self._meta().get("traceback")
+        return None if value is None else str(value)
+
+    @property
+    def date_done(self) -> str | None:
+        value = self._meta().get("date_done")
+        return None if value is None else str(value)
+
+    def ready(self) -> bool:
+        return self.state in states.READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == states.SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == states.FAILURE
+
+    @staticmethod
+    def _value(meta: Meta) -> Any:
+        if meta.get("status") in states.EXCEPTION_STATES:
+            return decode_exception(meta.get("result"))
+        return meta.get("result")
+
+    def _outcome(self, meta: Meta, propagate: bool) -> R:
+        value = self._value(meta)
+        if propagate and meta.get("status") in states.PROPAGATE_STATES:
+            assert isinstance(value, BaseException)
+            raise value
+        return cast(R, value)
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+        """Wait until the task is ready; return its value or re-raise its exception.
+
+        Raises :class:`conveyor.errors.TimeoutError` when ``timeout`` seconds pass first.
+        """
+        return self._outcome(self.backend.wait(self.id, timeout), propagate)
+
+    async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
+        meta = await asyncio.to_thread(self.backend.wait, self.id, timeout)
+        return self._outcome(meta, propagate)
+
+    def forget(self) -> None:
+        """Delete the stored state; the id reads as PENDING afterwards."""
+        self.backend.forget(self.id)
+
+
+class EagerResult(AsyncResult[R]):
+    """The result of a task run in-process (``apply()``, ``task_always_eager``)."""
+
+    def __init__(self, task_id: str, app: Conveyor, meta: Meta) -> None:
+        super().__init__(task_id, app)
+        self._stored = meta
+
+    def _meta(self) -> Meta:
+        return self._stored
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> R:
+        return self._outcome(self._stored, propagate)
+
+    async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
+        return self._outcome(self._stored, propagate)
+
+    def forget(self) -> None:
+        self._stored = {"status": states.PENDING, "result": None, "traceback": None}

@@ -1,0 +1,247 @@
+"""What the worker decides about each message, and what it does when a job ends.
+
+No threads here: ``Worker`` drives these steps from its fetch, dispatch and pool
+threads. Every message fetched ends in exactly one of: ack, reject (requeue or
+dead-letter, with the reason logged), or defer (an eta that arrived early).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from conveyor import protocol, serialization, states
+from conveyor.backends.meta import build_meta
+from conveyor.errors import (
+    BrokerError,
+    ContentDisallowed,
+    MessageError,
+    NotRegistered,
+    SerializationError,
+    TaskRevokedError,
+    TimeLimitExceeded,
+    WorkerLostError,
+)
+from conveyor.worker.job import Job, JobResult
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+    from conveyor.envelope import Delivery
+
+logger = logging.getLogger("conveyor.worker")
+
+
+class Consumer:
+    def __init__(self, app: Conveyor, hostname: str) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.accept = serialization.normalize_accept(app.conf.accept_content)
+        self.lock = threading.Condition()
+        self.ready: deque[Job] = deque()
+        self.held: dict[int, Delivery] = {}
+        self.running: dict[int, Job] = {}
+        self._seq = itertools.count(1)
+        self.processed = 0
+
+    @property
+    def inflight(self) -> int:
+        return len(self.ready) + len(self.running)
+
+    # -- broker calls that must not kill the worker -------------------------------------
+    def _settle(self, delivery: Delivery, action: str, reason: str = "") -> None:
+        broker = self.app.broker
+        try:
+            if action == "ack":
+                broker.ack(delivery)
+            elif action == "requeue":
+                broker.reject(delivery, requeue=True, reason=reason)
+            else:
+                broker.reject(delivery, requeue=False, reason=reason)
+        except BrokerError as exc:
+            # The lease will lapse and the message comes back: at-least-once holds.
+            logger.warning("Could not %s message %s: %s", action, delivery.tag, exc)
+
+    def _store(self, task_id: str, state: str, value: Any, task_name: str | None) -> None:
+        backend = self.app.backend
+        if backend is None:
+            return
+        try:
+            backend.store(task_id, build_meta(task_id, state, value,
+                                              request={"task": task_name}))
+        except Exception as exc:  # noqa: BLE001 - the backend being down must not stop intake
+            logger.warning("Could not store %s for %s: %s", state, task_id, exc)
+
+    def _refuse(self, delivery: Delivery, reason: str, *, task_id: str | None = None,
+                task_name: str | None = None, exc: BaseException | None = None) -> None:
+        logger.error("Rejected message from queue %r: %s", delivery.queue, reason)
+        if task_id is not None and exc is not None:
+            self._store(task_id, states.FAILURE, exc, task_name)
+        self._settle(delivery, "dead-letter", reason)
+
+    # -- intake ---------------------------------------------------------------------------
+    def intake(self, delivery: Delivery) -> Job | None:
+        """Check a fetched message; return the job to run, or None if it was settled."""
+        envelope = delivery.envelope
+        try:
+            headers = protocol.read_headers(envelope, self.accept)
+        except (MessageError, SerializationError) as exc:
+            self._refuse(delivery, f"not a task message: {exc}")
+            return None
+        name, task_id = headers.task, headers.id
+        if headers.protocol == 2 and envelope.content_type not in self.accept:
+            refused = ContentDisallowed(
+                f"content type {envelope.content_type!r} is not accepted "
+                f"(accept_content={sorted(self.accept)})")
+            self._refuse(delivery, f"{name}[{task_id}]: {refused}", task_id=task_id,
+                         task_name=name, exc=refused)
+            return None
+        task = self.app.tasks.get(name)
+        if task is None:
+            self._refuse(delivery, f"unknown task {name!r} (id {task_id}); "
+                         "is it registered with this worker's app?", task_id=task_id,
+                         task_name=name, exc=NotRegistered(name))
+            return None
+        limit = self.app.conf.worker_max_deliveries
+        if limit is not None and delivery.delivery_count > limit:
+            looping = WorkerLostError(
+                f"delivered {delivery.delivery_count} times without finishing")
+            self._refuse(delivery, f"{name}[{task_id}] {looping}", task_id=task_id,
+                         task_name=name, exc=looping)
+            return None
+        if headers.protocol == 2:
+            try:
+                protocol.decode_body(envelope, self.accept, headers.protocol)
+            except (MessageError, SerializationError) as exc:
+                self._refuse(delivery, f"{name}[{task_id}] has an invalid body: {exc}",
+                             task_id=task_id, task_name=name, exc=exc)
+                return None
+        now = datetime.now(UTC)
+        if headers.expires is not None and headers.expires <= now:
+            self._expire(delivery, headers)
+            return None
+        if headers.eta is not None and headers.eta > now:
+            # It waits in the broker, not here: no slot, no memory, no lease to keep alive.
+            try:
+                self.app.broker.defer(delivery, headers.eta.timestamp())
+            except BrokerError as exc:
+                logger.warning("Could not defer %s[%s]: %s", name, task_id, exc)
+            return None
+        acks_late = headers.extra.get("acks_late")
+        job = Job(
+            seq=next(self._seq),
+            envelope=envelope,
+            headers=headers,
+            delivery_info={**delivery.delivery_info, "queue": delivery.queue},
+            hostname=self.hostname,
+            acks_late=task.acks_late if not isinstance(acks_late, bool) else acks_late,
+            time_limit=headers.time_limit if headers.time_limit is not None
+            else task.time_limit,
+            soft_time_limit=headers.soft_time_limit if headers.soft_time_limit is not None
+            else task.soft_time_limit,
+        )
+        logger.info("Task %s[%s] received", name, task_id)
+        with self.lock:
+            self.held[job.seq] = delivery
+            self.ready.append(job)
+            self.lock.notify_all()
+        return job
+
+    def _expire(self, delivery: Delivery, headers: protocol.TaskHeaders) -> None:
+        logger.info("Task %s[%s] expired at %s; not run", headers.task, headers.id,
+                    headers.expires)
+        self._store(headers.id, states.REVOKED, TaskRevokedError("expired"), headers.task)
+        self._settle(delivery, "ack")
+
+    # -- dispatch -------------------------------------------------------------------------
+    def take_ready(self) -> Job | None:
+        """Next job to start (caller holds ``lock``); expired ones are settled here."""
+        while self.ready:
+            job = self.ready.popleft()
+            expires = job.headers.expires
+            if expires is not None and expires <= datetime.now(UTC):
+                delivery = self.held.pop(job.seq)
+                self._expire(delivery, job.headers)
+                continue
+            self.running[job.seq] = job
+            return job
+        return None
+
+    def started(self, job: Job) -> None:
+        """The pool accepted the job: early-ack tasks are acknowledged now."""
+        if not job.acks_late:
+            with self.lock:
+                delivery = self.held.pop(job.seq, None)
+            if delivery is not None:
+                self._settle(delivery, "ack")
+
+    def not_started(self, job: Job) -> None:
+        with self.lock:
+            self.running.pop(job.seq, None)
+            self.ready.appendleft(job)
+
+    # -- completion ------------------------------------------------------------------------
+    def finished(self, job: Job, result: JobResult) -> None:
+        with self.lock:
+            self.running.pop(job.seq, None)
+            delivery = self.held.pop(job.seq, None)
+            self.processed += 1
+            self.lock.notify_all()
+        task = self.app.tasks.get(job.task_name)
+        if result.extra.get("lost"):
+            exitcode = result.extra.get("exitcode")
+            self._store(job.task_id, states.FAILURE, WorkerLostError(
+                f"Worker exited prematurely: exitcode {exitcode}."), job.task_name)
+            requeue = task is not None and task.reject_on_worker_lost
+            self._end(delivery, "requeue" if requeue else "ack", "worker lost")
+            return
+        if "time_limit" in result.extra:
+            self._store(job.task_id, states.FAILURE,
+                        TimeLimitExceeded(result.extra["time_limit"]), job.task_name)
+            ack = task is None or task.acks_on_failure_or_timeout
+            self._end(delivery, "ack" if ack else "requeue", "hard time limit")
+            return
+        if result.invalid:
+            self._end(delivery, "dead-letter", result.reason)
+            return
+        if result.state == states.REJECTED:
+            self._end(delivery, "requeue" if result.requeue else "dead-letter",
+                      "task raised Reject")
+            return
+        if result.state == states.FAILURE and task is not None and not (
+                task.acks_on_failure_or_timeout):
+            self._end(delivery, "dead-letter", "task failed")
+            return
+        self._end(delivery, "ack", "")
+
+    def _end(self, delivery: Delivery | None, action: str, reason: str) -> None:
+        if delivery is not None:  # None: an early-ack job, acknowledged when it started
+            self._settle(delivery, action, reason)
+
+    # -- leases and shutdown -----------------------------------------------------------------
+    def leased(self) -> list[Delivery]:
+        with self.lock:
+            return list(self.held.values())
+
+    def release_unstarted(self) -> int:
+        """Give prefetched, not started messages back to the broker at once."""
+        with self.lock:
+            jobs = list(self.ready)
+            self.ready.clear()
+            deliveries = [self.held.pop(job.seq) for job in jobs if job.seq in self.held]
+        for delivery in deliveries:
+            self._settle(delivery, "requeue", "worker shutting down")
+        return len(deliveries)
+
+    def release_jobs(self, jobs: Sequence[Job]) -> None:
+        """Requeue unfinished late-ack jobs (cold shutdown); early-ack ones are gone."""
+        for job in jobs:
+            with self.lock:
+                delivery = self.held.pop(job.seq, None)
+                self.running.pop(job.seq, None)
+            if delivery is not None:
+                self._settle(delivery, "requeue", "worker stopped before the task finished")

@@ -1,0 +1,9 @@
+"""Execution pools: where jobs run. Every pool runs jobs through ``worker.runner``."""
+
+from __future__ import annotations
+
+from conveyor.worker.pools.base import Pool, ResultCallback
+
+__all__ = ["POOL_NAMES", "Pool", "ResultCallback"]
+
+POOL_NAMES = ("prefork", "threads", "solo")

@@ -1,0 +1,315 @@
+"""Prefork pool: each slot is a child process with a pipe of its own.
+
+Children are forked from a fork server that has imported the app (``-A``) before any
+thread exists, so forking is fast and never copies a lock held by a thread. A pipe per
+child tells the parent exactly which job each process runs: a child that dies is
+reported as a lost job, and a job past its hard time limit is ended by killing its
+process, after which a fresh child takes the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from conveyor import states
+from conveyor.errors import SoftTimeLimitExceeded
+from conveyor.worker.job import Job, JobResult
+from conveyor.worker.pools.base import Pool, ResultCallback
+
+logger = logging.getLogger("conveyor.worker")
+
+
+def _raise_soft_limit(signum: int, frame: Any) -> None:
+    raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+
+def _rss_kib() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def child_main(app_spec: str, conn: Connection, max_tasks: int | None,
+               max_memory_kib: int | None) -> None:
+    """A child's life: take jobs from the pipe until told to stop or due to retire."""
+    from conveyor.cli_app import load_app
+    from conveyor.execution import LoopRunner
+    from conveyor.worker.runner import run_job
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about shutdown
+    signal.signal(signal.SIGALRM, _raise_soft_limit)
+    app = load_app(app_spec)
+    loops = LoopRunner()
+    done = 0
+    try:
+        while True:
+            try:
+                job: Job | None = conn.recv()
+            except (EOFError, OSError):
+                return
+            if job is None:
+                return
+            if job.soft_time_limit:
+                signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
+            try:
+                result = run_job(app, job, loops)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            done += 1
+            retire = bool(max_tasks and done >= max_tasks) or bool(
+                max_memory_kib and _rss_kib() > max_memory_kib)
+            conn.send((result, retire))
+            if retire:
+                return
+    finally:
+        loops.close()
+        app.close()
+
+
+@dataclass(eq=False)
+class Child:
+    process: Any
+    conn: Connection
+    job: Job | None = None
+    started: float = 0.0
+    retiring: bool = False
+    jobs: int = field(default=0)
+
+
+class PreforkPool(Pool):
+    name = "prefork"
+    supports_time_limits = True
+
+    def __init__(
+        self,
+        app_spec: str,
+        size: int,
+        on_result: ResultCallback,
+        *,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+    ) -> None:
+        super().__init__(size, on_result)
+        self.app_spec = app_spec
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child
+        self._context = multiprocessing.get_context("forkserver")
+        module = app_spec.split(":", 1)[0]
+        self._context.set_forkserver_preload(["conveyor.worker.pools.prefork", module])
+        self._children: list[Child] = []
+        self._lock = threading.RLock()
+        self._stopping = False
+        self._wakeup_r, self._wakeup_w = multiprocessing.Pipe(duplex=False)
+        self._supervisor = threading.Thread(target=self._supervise,
+                                            name="conveyor-prefork", daemon=True)
+
+    # -- children ------------------------------------------------------------------------
+    def _spawn(self) -> Child:
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=child_main,
+            args=(self.app_spec, child_conn, self.max_tasks_per_child,
+                  self.max_memory_per_child),
+            name="conveyor-child",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        child = Child(process, parent_conn)
+        self._children.append(child)
+        return child
+
+    def _ensure_size(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            active = [c for c in self._children if not c.retiring]
+            for _ in range(self.target_size - len(active)):
+                self._spawn()
+            surplus = len(active) - self.target_size
+            for child in active:
+                if surplus <= 0:
+                    break
+                if child.job is None:
+                    self._retire(child)
+                    surplus -= 1
+
+    def _retire(self, child: Child) -> None:
+        child.retiring = True
+        try:
+            child.conn.send(None)
+        except OSError:
+            pass
+
+    def _remove(self, child: Child) -> None:
+        with self._lock:
+            if child in self._children:
+                self._children.remove(child)
+        child.conn.close()
+        child.process.join(timeout=1)
+
+    def start(self) -> None:
+        self._ensure_size()
+        self._supervisor.start()
+
+    # -- the contract --------------------------------------------------------------------
+    def apply(self, job: Job) -> bool:
+        with self._lock:
+            for child in self._children:
+                if child.job is None and not child.retiring and child.process.is_alive():
+                    child.job, child.started = job, time.monotonic()
+                    try:
+                        child.conn.send(job)
+                    except OSError:
+                        child.job = None
+                        continue
+                    return True
+        return False
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._children if c.job is None and not c.retiring)
+
+    def size(self) -> int:
+        with self._lock:
+            return sum(1 for c in self._children if not c.retiring)
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            return [c.job for c in self._children if c.job is not None]
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [c.process.pid for c in self._children]
+
+    def grow(self, n: int = 1) -> None:
+        with self._lock:
+            self.target_size += n
+        self._poke()
+
+    def shrink(self, n: int = 1) -> None:
+        with self._lock:
+            self.target_size = max(1, self.target_size - n)
+        self._poke()
+
+    def _poke(self) -> None:
+        try:
+            self._wakeup_w.send_bytes(b"!")
+        except OSError:
+            pass
+
+    # -- supervision ---------------------------------------------------------------------
+    def _next_deadline(self) -> float | None:
+        deadlines = [c.started + c.job.time_limit for c in self._children
+                     if c.job is not None and c.job.time_limit]
+        return min(deadlines) if deadlines else None
+
+    def _supervise(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping and not self._children:
+                    return
+                children = list(self._children)
+                deadline = self._next_deadline()
+            timeout = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+            handles: list[Any] = [self._wakeup_r]
+            for child in children:
+                handles.extend((child.conn, child.process.sentinel))
+            ready = wait(handles, timeout)
+            if self._wakeup_r in ready:
+                while self._wakeup_r.poll():
+                    self._wakeup_r.recv_bytes()
+            for child in children:
+                if child.conn in ready:
+                    self._read(child)
+            for child in children:
+                if child.process.sentinel in ready or not child.process.is_alive():
+                    self._reap(child)
+            self._enforce_time_limits()
+            self._ensure_size()
+
+    def _read(self, child: Child) -> None:
+        try:
+            result, retire = child.conn.recv()
+        except (EOFError, OSError):
+            return
+        job = child.job
+        with self._lock:
+            child.job = None
+            child.jobs += 1
+            if retire:
+                child.retiring = True
+        if job is not None:
+            self.on_result(job, result)
+
+    def _reap(self, child: Child) -> None:
+        # Drain a result the child sent just before exiting; then the job is truly lost.
+        while child.job is not None and child.conn.poll():
+            self._read(child)
+        job = child.job
+        child.job = None
+        self._remove(child)
+        if job is not None:
+            code = child.process.exitcode
+            logger.error("Process %s running %s[%s] exited with code %s",
+                         child.process.pid, job.task_name, job.task_id, code)
+            self.on_result(job, JobResult(job.seq, states.FAILURE,
+                                          extra={"lost": True, "exitcode": code}))
+        elif not child.retiring and not self._stopping:
+            logger.warning("Idle process %s exited with code %s; replacing it",
+                           child.process.pid, child.process.exitcode)
+
+    def _enforce_time_limits(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [c for c in self._children if c.job is not None and c.job.time_limit
+                       and now >= c.started + c.job.time_limit]
+        for child in expired:
+            job = child.job
+            assert job is not None
+            logger.error("Task %s[%s] hit its hard time limit (%ss); killing process %s",
+                         job.task_name, job.task_id, job.time_limit, child.process.pid)
+            child.job = None
+            child.retiring = True
+            child.process.kill()
+            self._remove(child)
+            self.on_result(job, JobResult(job.seq, states.FAILURE,
+                                          extra={"time_limit": job.time_limit}))
+
+    def stop(self, *, graceful: bool, timeout: float | None = None) -> list[Job]:
+        with self._lock:
+            self._stopping = True
+            children = list(self._children)
+        if graceful:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while any(c.job is not None for c in children):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+        unfinished = [c.job for c in children if c.job is not None]
+        for child in children:
+            if child.job is None and graceful:
+                self._retire(child)
+            else:
+                child.job = None
+                child.process.kill()
+        for child in children:
+            child.process.join(timeout=5)
+            if child.process.is_alive():
+                os.kill(child.process.pid, signal.SIGKILL)
+                child.process.join(timeout=1)
+        for child in children:
+            self._remove(child)
+        self._poke()
+        self._supervisor.join(timeout=5)
+        self._wakeup_r.close()
+        self._wakeup_w.close()
+        return unfinished

@@ -1,0 +1,283 @@
+"""The worker's life: start the pool, fetch, dispatch, keep leases alive, shut down.
+
+Threads: *fetch* pulls messages while the prefetch window has room and checks each one
+(``Consumer.intake``); *dispatch* (the thread calling :meth:`Worker.run`) starts ready
+jobs on free pool slots, renews leases and applies autoscaling; the pool reports
+finished jobs from its own threads.
+
+Shutdown: the first SIGTERM/SIGINT is warm (stop fetching, give prefetched messages
+back, let running tasks finish); a second one is cold (kill running tasks; late-ack
+messages go back to the queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from conveyor.errors import BrokerError, ConfigurationError
+from conveyor.urls import redact_url
+from conveyor.worker.autoscale import AutoscalePolicy
+from conveyor.worker.consumer import Consumer
+from conveyor.worker.job import Job, JobResult
+from conveyor.worker.pools.base import Pool
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+
+logger = logging.getLogger("conveyor.worker")
+
+FETCH_TIMEOUT = 1.0
+RECONNECT_MAX_DELAY = 30.0
+
+
+def expand_hostname(template: str | None) -> str:
+    """Celery's ``-n`` templates: %h host, %n its first label, %d the domain."""
+    host = socket.gethostname()
+    name, _, domain = host.partition(".")
+    value = template or "conveyor@%h"
+    value = value.replace("%h", host).replace("%n", name).replace("%d", domain)
+    return value.replace("%%", "%")
+
+
+class Worker:
+    def __init__(
+        self,
+        app: Conveyor,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        pool: str | None = None,
+        hostname: str | None = None,
+        app_spec: str | None = None,
+        autoscale: AutoscalePolicy | None = None,
+        prefetch_multiplier: int | None = None,
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+    ) -> None:
+        conf = app.conf
+        self.app = app
+        self.hostname = expand_hostname(hostname)
+        self.queues = app.router.consumed_queues(queues)
+        self.queue_names = [q.name for q in self.queues]
+        self.autoscale = autoscale
+        size = concurrency or conf.worker_concurrency or os.cpu_count() or 1
+        if autoscale is not None:
+            size = autoscale.minimum
+        self.pool_name = pool or conf.worker_pool
+        self.prefetch_multiplier = (conf.worker_prefetch_multiplier
+                                    if prefetch_multiplier is None else prefetch_multiplier)
+        self.consumer = Consumer(app, self.hostname)
+        self.pool = self._make_pool(
+            self.pool_name, size, app_spec,
+            max_tasks_per_child or conf.worker_max_tasks_per_child,
+            max_memory_per_child or conf.worker_max_memory_per_child)
+        lease = app.broker.visibility_timeout
+        self.renew_interval = conf.worker_lease_renew_interval or max(0.05, lease / 4)
+        self._stopping = threading.Event()
+        self._cold = threading.Event()
+        self._signals = 0
+        self._fetcher = threading.Thread(target=self._fetch_loop, name="conveyor-fetch",
+                                         daemon=True)
+        self._idle_since = time.monotonic()
+        self._last_scale = 0.0
+        self.consuming = False
+
+    def _make_pool(self, name: str, size: int, app_spec: str | None,
+                   max_tasks: int | None, max_memory: int | None) -> Pool:
+        if name in ("solo", "threads"):
+            from conveyor.worker.pools.threads import SoloPool, ThreadsPool
+
+            cls = SoloPool if name == "solo" else ThreadsPool
+            return cls(self.app, size, self._on_result)
+        if name == "prefork":
+            if app_spec is None:
+                raise ConfigurationError(
+                    "the prefork pool starts processes that import the app: give its "
+                    "import path (-A module:app), or use pool='threads' or 'solo'")
+            from conveyor.worker.pools.prefork import PreforkPool
+
+            return PreforkPool(app_spec, size, self._on_result,
+                               max_tasks_per_child=max_tasks,
+                               max_memory_per_child=max_memory)
+        raise ConfigurationError(
+            f"unknown pool {name!r}; choose prefork, threads or solo")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def window(self) -> int:
+        """How many messages may be fetched but unfinished (the prefetch limit)."""
+        size = self.pool.size()
+        if self.app.conf.worker_disable_prefetch or self.prefetch_multiplier <= 0:
+            return size
+        return size * self.prefetch_multiplier
+
+    def start(self) -> None:
+        self._declare_with_retry()
+        self.pool.start()
+        logger.info("%s ready: pool=%s concurrency=%s queues=%s broker=%s", self.hostname,
+                    self.pool.name, self.pool.size(), ",".join(self.queue_names),
+                    redact_url(self.app.conf.broker_url))
+        self._fetcher.start()
+
+    def _declare_with_retry(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                for queue in self.queues:
+                    self.app.broker.declare_queue(queue)
+                return
+            except BrokerError as exc:
+                if self._stopping.is_set():
+                    raise
+                logger.warning("Broker unavailable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+    def run(self) -> None:
+        """Start and serve until shut down (blocks)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.start()
+        try:
+            self.serve()
+        finally:
+            self.shutdown()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            logger.warning("Warm shutdown (%s): finishing running tasks; signal again "
+                           "for a cold shutdown", signal.Signals(signum).name)
+            self._stopping.set()
+        else:
+            logger.warning("Cold shutdown: stopping running tasks now")
+            self._cold.set()
+            self._stopping.set()
+        self.app.broker.wake()
+
+    def stop(self, *, cold: bool = False) -> None:
+        if cold:
+            self._cold.set()
+        self._stopping.set()
+        self.app.broker.wake()
+        with self.consumer.lock:
+            self.consumer.lock.notify_all()
+
+    # -- fetching --------------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        consumer = self.consumer
+        delay = 0.5
+        while not self._stopping.is_set():
+            with consumer.lock:
+                room = self.window() - consumer.inflight
+                if room <= 0:
+                    consumer.lock.wait(0.2)
+                    continue
+            try:
+                deliveries = self.app.broker.fetch(self.queue_names, room, FETCH_TIMEOUT)
+            except BrokerError as exc:
+                self.consuming = False
+                logger.warning("Fetching from the broker failed (%s); retrying in %.1fs",
+                               exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            if not self.consuming:
+                self.consuming = True
+                if delay > 0.5:
+                    logger.warning("Broker reachable again; consuming from %s",
+                                   ",".join(self.queue_names))
+            delay = 0.5
+            for delivery in deliveries:
+                if self._stopping.is_set():
+                    self.app.broker.reject(delivery, requeue=True, reason="shutting down")
+                    continue
+                consumer.intake(delivery)
+
+    # -- dispatching -----------------------------------------------------------------------
+    def serve(self) -> None:
+        consumer = self.consumer
+        next_renew = time.monotonic() + self.renew_interval
+        while not self._stopping.is_set():
+            job: Job | None = None
+            with consumer.lock:
+                if consumer.ready and self.pool.free_slots() > 0:
+                    job = consumer.take_ready()
+                else:
+                    consumer.lock.wait(min(0.2, self.renew_interval))
+            if job is not None:
+                self._start_job(job)
+            now = time.monotonic()
+            if now >= next_renew:
+                self._renew_leases()
+                next_renew = now + self.renew_interval
+            if self.autoscale is not None:
+                self._autoscale(now)
+
+    def _start_job(self, job: Job) -> None:
+        if self.pool.apply(job):
+            self.consumer.started(job)
+        else:
+            self.consumer.not_started(job)
+
+    def _on_result(self, job: Job, result: JobResult) -> None:
+        self.consumer.finished(job, result)
+
+    def _renew_leases(self) -> None:
+        leased = self.consumer.leased()
+        if not leased:
+            return
+        try:
+            self.app.broker.extend(leased)
+        except BrokerError as exc:
+            logger.warning("Could not renew %d leases: %s", len(leased), exc)
+
+    def _autoscale(self, now: float) -> None:
+        if now - self._last_scale < 0.5:
+            return
+        self._last_scale = now
+        assert self.autoscale is not None
+        backlog = len(self.consumer.ready)
+        idle = self.pool.free_slots()
+        if backlog or not idle:
+            self._idle_since = now
+        delta = self.autoscale.decide(size=self.pool.size(), backlog=backlog,
+                                      idle_slots=idle, idle_for=now - self._idle_since)
+        if delta > 0:
+            logger.info("Autoscale: growing the pool by %d", delta)
+            self.pool.grow(delta)
+        elif delta < 0:
+            logger.info("Autoscale: shrinking the pool by %d", -delta)
+            self.pool.shrink(-delta)
+            self._idle_since = now
+
+    # -- shutdown --------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self.app.broker.wake()
+        self._fetcher.join(timeout=FETCH_TIMEOUT + 5)
+        released = self.consumer.release_unstarted()
+        if released:
+            logger.info("Gave %d prefetched messages back to the broker", released)
+        graceful = not self._cold.is_set()
+        unfinished = self._stop_pool(graceful)
+        self.consumer.release_jobs(unfinished)
+        self._renew_leases()
+        logger.info("%s stopped after %d tasks", self.hostname, self.consumer.processed)
+
+    def _stop_pool(self, graceful: bool) -> list[Job]:
+        if not graceful:
+            return self.pool.stop(graceful=False)
+        # Wait for running tasks, but turn cold if a second signal arrives meanwhile.
+        while self.pool.running() and not self._cold.is_set():
+            self._renew_leases()
+            self._cold.wait(min(0.2, self.renew_interval))
+        return self.pool.stop(graceful=not self._cold.is_set(), timeout=5)
