@@ -13,6 +13,17 @@ __all__ = ["BACKEND_SCHEMES", "ResultBackend", "backend_from_url"]
 BACKEND_SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "memory": ("conveyor.backends.memory", "MemoryBackend", None),
     "sqlite": ("conveyor.backends.sqlite", "SqliteBackend", None),
+    "redis": ("conveyor.backends.redis", "RedisBackend", "redis"),
+    "rediss": ("conveyor.backends.redis", "RedisBackend", "redis"),
+    "redis+socket": ("conveyor.backends.redis", "RedisBackend", "redis"),
+    "sentinel": ("conveyor.backends.redis", "RedisBackend", "redis"),
+    "rpc": ("conveyor.backends.rpc", "RpcBackend", "amqp"),
+    "db+postgresql": ("conveyor.backends.sql", "SqlBackend", "sql"),
+    "db+postgresql+psycopg": ("conveyor.backends.sql", "SqlBackend", "sql"),
+    "db+mysql": ("conveyor.backends.sql", "SqlBackend", "sql"),
+    "db+mysql+pymysql": ("conveyor.backends.sql", "SqlBackend", "sql"),
+    "db+sqlite": ("conveyor.backends.sql", "SqlBackend", "sql"),
+    "cache+memcached": ("conveyor.backends.memcached", "MemcachedBackend", "memcached"),
 }
 
 

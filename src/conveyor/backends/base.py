@@ -97,6 +97,21 @@ class ResultBackend(ABC):
     @abstractmethod
     def forget(self, task_id: str) -> None: ...
 
+    # -- atomic counters (chords count finished header parts with these) ---------------
+    supports_counters: bool = False
+    """True where ``incr`` is one atomic step in the backend itself."""
+
+    def incr(self, key: str, amount: int = 1, expires: float | None = None) -> int:
+        """Add ``amount`` to the counter ``key`` atomically and return the new value.
+
+        Backends that cannot count atomically leave ``supports_counters`` False and
+        raise; callers then fall back to another strategy (and say so).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot count atomically")
+
+    def delete_counter(self, key: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot count atomically")
+
     @abstractmethod
     def cleanup(self) -> int:
         """Delete expired documents now; return how many."""

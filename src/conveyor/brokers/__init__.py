@@ -15,6 +15,13 @@ __all__ = ["BROKER_SCHEMES", "Broker", "QueueStats", "broker_from_url"]
 BROKER_SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "memory": ("conveyor.brokers.memory", "MemoryBroker", None),
     "sqlite": ("conveyor.brokers.sqlite", "SqliteBroker", None),
+    "redis": ("conveyor.brokers.redis", "RedisBroker", "redis"),
+    "rediss": ("conveyor.brokers.redis", "RedisBroker", "redis"),
+    "redis+socket": ("conveyor.brokers.redis", "RedisBroker", "redis"),
+    "sentinel": ("conveyor.brokers.redis", "RedisBroker", "redis"),
+    "amqp": ("conveyor.brokers.amqp", "AmqpBroker", "amqp"),
+    "amqps": ("conveyor.brokers.amqp", "AmqpBroker", "amqp"),
+    "pyamqp": ("conveyor.brokers.amqp", "AmqpBroker", "amqp"),
 }
 """scheme -> (module, class, the pip extra it needs)."""
 
