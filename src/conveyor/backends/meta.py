@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import importlib
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -55,11 +54,13 @@ def _import_exception(module: str, qualname: str) -> type[BaseException] | None:
     twin = _conveyor_twin(module, qualname)
     if twin is not None:
         return twin
+    # Look only in modules already loaded, as Celery does: the document comes from
+    # whoever can write to the backend, and importing a module it names runs that code.
     try:
-        target: Any = sys.modules.get(module) or importlib.import_module(module)
+        target: Any = sys.modules[module]
         for part in qualname.split("."):
             target = getattr(target, part)
-    except (ImportError, AttributeError, ValueError):
+    except (KeyError, AttributeError):
         return None
     if isinstance(target, type) and issubclass(target, BaseException):
         return target
@@ -89,7 +90,7 @@ def decode_exception(value: Any) -> BaseException:
     exc_type = _import_exception(module, qualname) or synthesize(module, qualname)
     try:
         return exc_type(*args)
-    except Exception:  # noqa: BLE001 - a constructor with another signature
+    except Exception:  # a constructor with another signature
         exc = exc_type.__new__(exc_type)
         exc.args = tuple(args)
         return exc
