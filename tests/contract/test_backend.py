@@ -1,9 +1,9 @@
 """The result backend contract (``conveyor.backends.base``), run against every backend.
 
-A new backend joins by adding a factory to ``FACTORIES``: it receives pytest's
-``tmp_path`` and returns a callable that builds backends sharing one store from keyword
-options (``serializer``, ``accept``, ``expires``). A factory for a server-backed store
-calls ``pytest.skip`` when the server is not reachable.
+A new backend joins by adding a factory to ``FACTORIES``: it receives the fixture request
+(to ask for ``tmp_path`` or a service fixture such as ``redis_service``, which skips when
+the server is down) and returns a callable that builds backends sharing one store from
+keyword options (``serializer``, ``accept``, ``expires``).
 """
 
 from __future__ import annotations
@@ -37,25 +37,26 @@ PROMPT = 2.0
 PATIENCE = 30.0
 
 
-def memory_factory(tmp_path: Path) -> MakeBackend:
+def memory_factory(request: pytest.FixtureRequest) -> MakeBackend:
     url = f"memory://contract-{uuid.uuid4()}"
     return lambda **options: MemoryBackend(url, **options)
 
 
-def sqlite_factory(tmp_path: Path) -> MakeBackend:
+def sqlite_factory(request: pytest.FixtureRequest) -> MakeBackend:
+    tmp_path: Path = request.getfixturevalue("tmp_path")
     url = f"sqlite:///{tmp_path / 'results.db'}"
     return lambda **options: SqliteBackend(url, **options)
 
 
-FACTORIES: dict[str, Callable[[Path], MakeBackend]] = {
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest], MakeBackend]] = {
     "memory": memory_factory,
     "sqlite": sqlite_factory,
 }
 
 
 @pytest.fixture(params=sorted(FACTORIES))
-def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeBackend]:
-    factory = FACTORIES[request.param](tmp_path)
+def make_backend(request: pytest.FixtureRequest) -> Iterator[MakeBackend]:
+    factory = FACTORIES[request.param](request)
     made: list[ResultBackend] = []
 
     def make(**options: Any) -> ResultBackend:
@@ -421,6 +422,80 @@ def test_wait_returns_revoked(backend: ResultBackend) -> None:
     meta = backend.wait(task_id, timeout=PATIENCE)
     assert meta["status"] == states.REVOKED
     assert isinstance(decode_exception(meta["result"]), errors.TaskRevokedError)
+
+
+# -- atomic counters (optional) ------------------------------------------------------------
+@pytest.fixture
+def counting(backend: ResultBackend) -> ResultBackend:
+    if not backend.supports_counters:
+        pytest.skip(f"{type(backend).__name__} has no atomic counters")
+    return backend
+
+
+def test_counter_adds_and_returns_the_new_value(counting: ResultBackend) -> None:
+    key = f"chord-{new_id()}"
+    assert counting.incr(key) == 1
+    assert counting.incr(key) == 2
+    assert counting.incr(key, 5) == 7
+    assert counting.incr(f"chord-{new_id()}") == 1
+
+
+def test_deleted_counter_starts_again(counting: ResultBackend) -> None:
+    key = f"chord-{new_id()}"
+    counting.incr(key, 3)
+    counting.delete_counter(key)
+    assert counting.incr(key) == 1
+    counting.delete_counter(f"chord-{new_id()}")  # deleting an unknown counter is harmless
+
+
+def test_counters_do_not_touch_results(counting: ResultBackend) -> None:
+    task_id = new_id()
+    counting.store(task_id, success(task_id, "kept"))
+    counting.incr(task_id)
+    counting.delete_counter(task_id)
+    got = counting.get(task_id)
+    assert got is not None
+    assert got["result"] == "kept"
+
+
+def test_counter_counts_every_increment_from_many_threads(
+    make_backend: MakeBackend, counting: ResultBackend
+) -> None:
+    key = f"chord-{new_id()}"
+    seen: list[int] = []
+    seen_lock = threading.Lock()
+
+    def count(backend: ResultBackend) -> None:
+        for _ in range(25):
+            value = backend.incr(key)
+            with seen_lock:
+                seen.append(value)
+
+    # Separate backends too, so SQLite counts across connections, not just threads.
+    threads = [
+        threading.Thread(target=count, args=(counting if i % 2 else make_backend(),))
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(PATIENCE)
+    assert sorted(seen) == list(range(1, 101))
+
+
+def test_expired_counter_starts_again(counting: ResultBackend) -> None:
+    key = f"chord-{new_id()}"
+    counting.incr(key, 10, expires=0.3)
+    time.sleep(0.6)  # any read would be an incr, which refreshes the expiry
+    assert counting.incr(key) == 1
+
+
+def test_counter_refreshes_its_expiry(counting: ResultBackend) -> None:
+    key = f"chord-{new_id()}"
+    counting.incr(key, expires=0.3)
+    assert counting.incr(key, expires=None) == 2
+    time.sleep(0.5)
+    assert counting.incr(key) == 3
 
 
 # -- serializers ----------------------------------------------------------------------------

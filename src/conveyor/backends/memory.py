@@ -38,6 +38,8 @@ class _Entry:
 @dataclass(slots=True)
 class _Store:
     entries: dict[str, _Entry] = field(default_factory=dict)
+    # key -> (value, expires_at); a namespace of its own, apart from task ids.
+    counters: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     changed: threading.Condition = field(default_factory=threading.Condition)
     last_sweep: float = field(default_factory=time.monotonic)
 
@@ -49,6 +51,8 @@ class _Store:
         expired = [task_id for task_id, entry in self.entries.items() if entry.expired(now)]
         for task_id in expired:
             del self.entries[task_id]
+        for key in [key for key, (_, at) in self.counters.items() if at is not None and at <= now]:
+            del self.counters[key]
         self.last_sweep = now
         return len(expired)
 
@@ -66,6 +70,7 @@ class MemoryBackend(ResultBackend):
     """Results in this process's memory; ``wait`` wakes the moment a result is stored."""
 
     scheme = "memory"
+    supports_counters = True
 
     def __init__(
         self,
@@ -90,6 +95,7 @@ class MemoryBackend(ResultBackend):
         for store in stores:
             with store.changed:
                 store.entries.clear()
+                store.counters.clear()
 
     def _expires_at(self, now: float) -> float | None:
         # Celery treats both None and 0 as "never expire".
@@ -145,6 +151,20 @@ class MemoryBackend(ResultBackend):
     def forget(self, task_id: str) -> None:
         with self._store.changed:
             self._store.entries.pop(task_id, None)
+
+    def incr(self, key: str, amount: int = 1, expires: float | None = None) -> int:
+        with self._store.changed:
+            now = time.monotonic()
+            value, expires_at = self._store.counters.get(key, (0, None))
+            if expires_at is not None and expires_at <= now:
+                value = 0
+            value += amount
+            self._store.counters[key] = (value, None if expires is None else now + expires)
+            return value
+
+    def delete_counter(self, key: str) -> None:
+        with self._store.changed:
+            self._store.counters.pop(key, None)
 
     def cleanup(self) -> int:
         with self._store.changed:

@@ -1,7 +1,8 @@
 """The embedded result backend: one SQLite file, shared by every process on the machine.
 
 The file is often the same one the SQLite broker uses; results live in their own
-``conveyor_results`` table so both fit in one database. Each row holds the encoded
+``conveyor_results`` table (and chord counters in ``conveyor_counters``) so both fit
+in one database. Each row holds the encoded
 result document plus the few columns the backend itself needs to query (status and
 expiry), so the document keeps Celery's exact shape and serializer.
 
@@ -29,6 +30,7 @@ from conveyor.errors import BackendError, BackendUnavailable, ConfigurationError
 T = TypeVar("T")
 
 TABLE = "conveyor_results"
+COUNTERS = "conveyor_counters"
 
 _SCHEMA = (
     f"""CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -42,6 +44,11 @@ _SCHEMA = (
     ) WITHOUT ROWID""",
     f"CREATE INDEX IF NOT EXISTS {TABLE}_expires_at ON {TABLE} (expires_at)"
     " WHERE expires_at IS NOT NULL",
+    f"""CREATE TABLE IF NOT EXISTS {COUNTERS} (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL,
+        expires_at REAL
+    ) WITHOUT ROWID""",
 )
 
 _LIVE = "(expires_at IS NULL OR expires_at > :now)"
@@ -68,6 +75,18 @@ _GET = f"{_SELECT} WHERE task_id = :task_id AND {_LIVE}"
 _STATUS = f"SELECT status FROM {TABLE} WHERE task_id = :task_id AND {_LIVE}"
 _FORGET = f"DELETE FROM {TABLE} WHERE task_id = :task_id"
 _CLEANUP = f"DELETE FROM {TABLE} WHERE expires_at IS NOT NULL AND expires_at <= :now"
+
+# An expired counter starts again from zero, as an expired Redis key would.
+_INCR = f"""
+INSERT INTO {COUNTERS} (key, value, expires_at) VALUES (:key, :amount, :expires_at)
+ON CONFLICT (key) DO UPDATE SET
+    value = CASE WHEN {COUNTERS}.expires_at IS NOT NULL AND {COUNTERS}.expires_at <= :now
+                 THEN :amount ELSE {COUNTERS}.value + :amount END,
+    expires_at = :expires_at
+RETURNING value
+"""
+_DELETE_COUNTER = f"DELETE FROM {COUNTERS} WHERE key = :key"
+_CLEANUP_COUNTERS = f"DELETE FROM {COUNTERS} WHERE expires_at IS NOT NULL AND expires_at <= :now"
 
 # SQLite's default limit on bound parameters is 32766 since 3.32 but 999 before.
 _IDS_PER_QUERY = 500
@@ -229,6 +248,7 @@ class SqliteBackend(ResultBackend):
     """Results in a SQLite file (WAL mode), readable by every process on the machine."""
 
     scheme = "sqlite"
+    supports_counters = True
 
     def __init__(
         self,
@@ -273,7 +293,7 @@ class SqliteBackend(ResultBackend):
             time.sleep(delay)
             delay = min(delay * 2, _LOCKED_RETRY_MAX)
 
-    def _fetch_all(self, query: str, params: list[Any]) -> list[Any]:
+    def _fetch_all(self, query: str, params: list[Any] | dict[str, Any]) -> list[Any]:
         return self._run(lambda connection: connection.execute(query, params).fetchall())
 
     def _decode_row(self, row: tuple[bytes, str, str]) -> Meta:
@@ -355,9 +375,30 @@ class SqliteBackend(ResultBackend):
         params = {"task_id": task_id}
         self._run(lambda connection: connection.execute(_FORGET, params))
 
+    def incr(self, key: str, amount: int = 1, expires: float | None = None) -> int:
+        now = time.time()
+        params = {
+            "key": key,
+            "amount": amount,
+            "expires_at": None if expires is None else now + expires,
+            "now": now,
+        }
+        # fetchall steps the statement to its end, which is what commits it.
+        rows = self._fetch_all(_INCR, params)
+        return int(rows[0][0])
+
+    def delete_counter(self, key: str) -> None:
+        params = {"key": key}
+        self._run(lambda connection: connection.execute(_DELETE_COUNTER, params))
+
     def cleanup(self) -> int:
         params = {"now": time.time()}
-        return self._run(lambda connection: connection.execute(_CLEANUP, params).rowcount)
+
+        def delete_expired(connection: sqlite3.Connection) -> int:
+            connection.execute(_CLEANUP_COUNTERS, params)
+            return connection.execute(_CLEANUP, params).rowcount
+
+        return self._run(delete_expired)
 
     def check(self) -> None:
         try:
