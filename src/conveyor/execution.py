@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor import states
 from conveyor.backends.meta import build_meta
 from conveyor.errors import EncodeError, Ignore, Reject, Retry
+from conveyor.request import request_context
 from conveyor.retry_policy import backoff_countdown
 
 if TYPE_CHECKING:
@@ -77,7 +78,8 @@ def _autoretry(task: BaseTask[Any, Any], request: Request, exc: Exception) -> Ou
         options["countdown"] = backoff_countdown(
             factor, request.retries, task.retry_backoff_max, jitter=task.retry_jitter)
     try:
-        task.retry(exc=exc, **options)
+        with request_context(request):
+            task.retry(exc=exc, **options)
     except Retry as retry:
         return Outcome(states.RETRY, retry, format_traceback(exc))
     except Exception as final:  # noqa: BLE001 - max retries: the task's own failure

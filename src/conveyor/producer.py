@@ -27,15 +27,19 @@ class Producer:
         self._lock = threading.Lock()
 
     def declare(self, broker: Broker, target: Target) -> None:
-        if target.queue is None:
-            return
-        key = (id(broker), target.queue.name)
+        key = (id(broker), f"{target.exchange}\x00{target.queue.name if target.queue else ''}")
         if key in self._declared:
             return
         with self._lock:
-            if key not in self._declared:
+            if key in self._declared:
+                return
+            if target.declare_exchange is not None:
+                broker.declare_exchange(target.declare_exchange)
+            for queue in target.bound_queues:
+                broker.declare_queue(queue)
+            if target.queue is not None:
                 broker.declare_queue(target.queue)
-                self._declared.add(key)
+            self._declared.add(key)
 
     def build(
         self,

@@ -28,6 +28,10 @@ class Target:
     routing_key: str
     queue: Queue | None
     priority: int | None = None
+    declare_exchange: Exchange | None = None
+    bound_queues: tuple[Queue, ...] = ()
+    """Configured queues bound to ``exchange``: declared before the first publish, so a
+    message sent before any worker started is not dropped as unroutable."""
 
 
 def _glob_table(table: Mapping[str, Any]) -> Callable[..., Any]:
@@ -108,6 +112,10 @@ class Router:
         self.queues[name] = queue
         return queue
 
+    def bound_to(self, exchange: str) -> tuple[Queue, ...]:
+        return tuple(q for q in self.queues.values()
+                     if any(b.exchange == exchange for b in q.all_bindings()))
+
     def consumed_queues(self, names: Sequence[str] | None) -> list[Queue]:
         if names:
             return [self.queue(name) for name in names]
@@ -167,7 +175,9 @@ class Router:
                              else route.get("exchange_type"))
             if queue is not None and exchange_type == "direct" and not both_explicit:
                 return Target(DEFAULT_EXCHANGE, queue.name, queue, priority)
-            return Target(exchange, str(routing_key), queue, priority)
+            declared = exchange_option if isinstance(exchange_option, Exchange) else None
+            return Target(exchange, str(routing_key), queue, priority, declared,
+                          self.bound_to(exchange))
         assert queue is not None
         exchange_obj = queue.effective_exchange
         if exchange_obj.type == "direct" and routing_key is None:

@@ -151,8 +151,9 @@ class PreforkPool(Pool):
 
     def _remove(self, child: Child) -> None:
         with self._lock:
-            if child in self._children:
-                self._children.remove(child)
+            if child not in self._children:
+                return  # the supervisor and stop() may both get here
+            self._children.remove(child)
         child.conn.close()
         child.process.join(timeout=1)
 

@@ -1,0 +1,195 @@
+"""Protocol v2 as Celery writes it, checked against messages captured from Celery 5.7."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from conveyor import protocol, serialization
+from conveyor.envelope import Envelope
+from conveyor.errors import ContentDisallowed, EncodeError, MessageError
+from conveyor.protocol import Embed, TaskHeaders, TaskMessage
+
+CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "celery-captures"
+JSON = serialization.normalize_accept(["json"])
+
+
+def envelope_from_kombu(raw: str) -> Envelope:
+    data = json.loads(raw)
+    return Envelope(
+        body=base64.b64decode(data["body"]),
+        content_type=data["content-type"],
+        content_encoding=data["content-encoding"],
+        headers=data["headers"],
+        properties=data["properties"],
+    )
+
+
+def captured_envelopes(name: str) -> list[Envelope]:
+    path = CAPTURES / name
+    if not path.exists():
+        pytest.skip(f"captures not found at {path}")
+    found = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith('"envelope_raw": '):
+            found.append(envelope_from_kombu(json.loads(line[len('"envelope_raw": '):-1])))
+        elif line.startswith("ENVELOPE: "):
+            found.append(envelope_from_kombu(line[len("ENVELOPE: "):]))
+    assert found, f"no envelopes in {name}"
+    return found
+
+
+def test_celery_captured_messages_decode() -> None:
+    envelopes = captured_envelopes("redis_tasks.txt")
+    for envelope in envelopes:
+        headers = protocol.read_headers(envelope, JSON)
+        args, kwargs, embed = protocol.decode_body(envelope, JSON)
+        assert headers.task.startswith("interop.")
+        assert headers.id == envelope.properties["correlation_id"]
+        assert isinstance(args, list)
+        assert isinstance(kwargs, dict)
+        assert isinstance(embed, Embed)
+    embeds = [protocol.decode_body(envelope, JSON)[2] for envelope in envelopes]
+    linked = [embed for embed in embeds if embed.callbacks]
+    assert linked[0].callbacks is not None
+    assert linked[0].callbacks[0]["task"] == "interop.add"
+    assert linked[0].errbacks is not None
+    chained = [embed for embed in embeds if embed.chain]
+    assert chained and chained[0].chain is not None
+    assert chained[0].chain[-1]["task"] == "interop.add"  # next step is the last element
+
+
+def test_protocol_v1_capture_is_read() -> None:
+    envelope = captured_envelopes("redis_protocol_v1.txt")[0]
+    headers = protocol.read_headers(envelope, JSON)
+    assert headers.protocol == 1
+    assert headers.task == "interop.add"
+    assert headers.eta is not None and headers.eta.tzinfo is not None
+    args, kwargs, _ = protocol.decode_body(envelope, JSON, protocol=1)
+    assert args == [2, 3]
+    assert kwargs == {}
+
+
+def make_message(**header_fields: object) -> TaskMessage:
+    fields: dict[str, object] = {"id": "6acbc035-8c09-4fed-b5c4-68cfd5a4784a",
+                                 "task": "interop.add"}
+    fields.update(header_fields)
+    return TaskMessage(headers=TaskHeaders(**fields),  # type: ignore[arg-type]
+                       args=[2, 3], kwargs={"z": "héllo"}, reply_to="oid")
+
+
+def test_encoded_message_matches_celery_layout() -> None:
+    eta = datetime(2026, 11, 23, 18, 57, 41, 411867, tzinfo=UTC)
+    message = make_message(eta=eta, time_limit=30.0, soft_time_limit=20.0,
+                           extra={"x-interop": "yes"})
+    envelope = protocol.encode_task(message)
+    assert envelope.body == (b'[[2, 3], {"z": "h\\u00e9llo"}, {"callbacks": null, '
+                             b'"errbacks": null, "chain": null, "chord": null}]')
+    assert envelope.content_type == "application/json"
+    assert envelope.content_encoding == "utf-8"
+    expected_keys = ["lang", "task", "id", "shadow", "eta", "expires", "group",
+                     "group_index", "retries", "timelimit", "root_id", "parent_id",
+                     "argsrepr", "kwargsrepr", "origin", "ignore_result",
+                     "replaced_task_nesting", "stamped_headers", "stamps", "x-interop"]
+    assert list(envelope.headers) == expected_keys
+    assert envelope.headers["eta"] == "2026-11-23T18:57:41.411867+00:00"
+    assert envelope.headers["timelimit"] == [30.0, 20.0]  # hard first, as Celery's code
+    assert envelope.headers["root_id"] == message.id
+    assert envelope.headers["argsrepr"] == "(2, 3)"
+    assert envelope.headers["kwargsrepr"] == "{'z': 'héllo'}"
+    assert envelope.properties["correlation_id"] == message.id
+    assert envelope.properties["reply_to"] == "oid"
+    assert envelope.properties["delivery_mode"] == 2
+    assert envelope.properties["priority"] == 0
+    assert "expiration" not in envelope.properties
+
+
+def test_expires_sets_amqp_expiration_in_milliseconds() -> None:
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    envelope = protocol.encode_task(make_message(expires=expires))
+    left = int(envelope.properties["expiration"])
+    assert 3_590_000 < left <= 3_600_000
+    past = protocol.encode_task(make_message(expires=datetime.now(UTC) - timedelta(seconds=5)))
+    assert past.properties["expiration"] == "0"
+
+
+def test_round_trip_keeps_every_header() -> None:
+    message = make_message(retries=2, group="g", group_index=1, parent_id="p",
+                           root_id="r", shadow="nick", ignore_result=True)
+    envelope = protocol.encode_task(message)
+    headers = protocol.read_headers(envelope, JSON)
+    assert (headers.retries, headers.group, headers.group_index) == (2, "g", 1)
+    assert (headers.parent_id, headers.root_id, headers.shadow) == ("p", "r", "nick")
+    assert headers.ignore_result is True
+
+
+def test_argsrepr_is_truncated() -> None:
+    message = TaskMessage(headers=TaskHeaders(id="i", task="t"), args=["x" * 5000])
+    envelope = protocol.encode_task(message)
+    assert len(envelope.headers["argsrepr"]) == protocol.REPR_LIMIT
+
+
+def test_compressed_body_round_trips() -> None:
+    envelope = protocol.encode_task(make_message(), compression="gzip")
+    assert envelope.headers["compression"] == "application/x-gzip"
+    args, kwargs, _ = protocol.decode_body(envelope, JSON)
+    assert (args, kwargs) == ([2, 3], {"z": "héllo"})
+
+
+def test_unencodable_argument_fails_at_encode() -> None:
+    message = TaskMessage(headers=TaskHeaders(id="i", task="t"), args=[object()])
+    with pytest.raises(EncodeError, match="object"):
+        protocol.encode_task(message)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"[1, 2]", "3-element"),
+        (b'[{"a": 1}, {}, null]', "args must be an array"),
+        (b"[[], [], null]", "kwargs must be an object"),
+        (b'"text"', "3-element"),
+        (b'[[], {}, "embed"]', "embed must be a mapping"),
+    ],
+)
+def test_malformed_bodies_are_message_errors(body: bytes, reason: str) -> None:
+    envelope = Envelope(body, "application/json", "utf-8", {"task": "t", "id": "i"})
+    with pytest.raises(MessageError, match=reason):
+        protocol.decode_body(envelope, JSON)
+
+
+def test_headers_without_task_or_id_are_refused() -> None:
+    no_id = Envelope(b"[[], {}, null]", "application/json", "utf-8", {"task": "t"})
+    with pytest.raises(MessageError, match="no task id"):
+        protocol.read_headers(no_id, JSON)
+    not_a_task = Envelope(b'{"hello": 1}', "application/json", "utf-8", {})
+    with pytest.raises(MessageError, match="unknown message"):
+        protocol.read_headers(not_a_task, JSON)
+
+
+def test_bad_eta_is_a_message_error() -> None:
+    envelope = Envelope(b"[[], {}, null]", "application/json", "utf-8",
+                        {"task": "t", "id": "i", "eta": "tomorrow"})
+    with pytest.raises(MessageError, match="eta"):
+        protocol.read_headers(envelope, JSON)
+
+
+def test_naive_eta_is_utc() -> None:
+    envelope = Envelope(b"[[], {}, null]", "application/json", "utf-8",
+                        {"task": "t", "id": "i", "eta": "2030-01-01T00:00:00"})
+    headers = protocol.read_headers(envelope, JSON)
+    assert headers.eta == datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_pickle_body_refused_unless_accepted() -> None:
+    message = make_message()
+    envelope = protocol.encode_task(message, serializer="pickle")
+    with pytest.raises(ContentDisallowed):
+        protocol.decode_body(envelope, JSON)
+    accept = serialization.normalize_accept(["json", "pickle"])
+    assert protocol.decode_body(envelope, accept)[0] == [2, 3]
