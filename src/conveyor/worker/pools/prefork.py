@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,21 @@ def _rss_kib() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent (the fork server) dies.
+
+    The fork server exits as soon as the worker does, however it died, so a killed
+    worker never leaves children running tasks nobody will acknowledge.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def child_main(app_spec: str, conn: Connection, max_tasks: int | None,
                max_memory_kib: int | None) -> None:
     """A child's life: take jobs from the pipe until told to stop or due to retire."""
@@ -44,6 +60,7 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None,
     from conveyor.execution import LoopRunner
     from conveyor.worker.runner import run_job
 
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about shutdown
     signal.signal(signal.SIGALRM, _raise_soft_limit)
     app = load_app(app_spec)
@@ -237,11 +254,12 @@ class PreforkPool(Pool):
             self._enforce_time_limits()
             self._ensure_size()
 
-    def _read(self, child: Child) -> None:
+    def _read(self, child: Child) -> bool:
+        """Take one result from a child's pipe; False once the pipe is closed."""
         try:
             result, retire = child.conn.recv()
         except (EOFError, OSError):
-            return
+            return False
         job = child.job
         with self._lock:
             child.job = None
@@ -250,11 +268,13 @@ class PreforkPool(Pool):
                 child.retiring = True
         if job is not None:
             self.on_result(job, result)
+        return True
 
     def _reap(self, child: Child) -> None:
         # Drain a result the child sent just before exiting; then the job is truly lost.
         while child.job is not None and child.conn.poll():
-            self._read(child)
+            if not self._read(child):
+                break
         job = child.job
         child.job = None
         self._remove(child)
