@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -41,12 +40,12 @@ def require_service(name: str, host: str, port: int) -> None:
 
 
 @pytest.fixture
-def redis_service() -> Iterator[str]:
+def redis_service() -> str:
     require_service("Redis", "127.0.0.1", 6379)
-    yield REDIS_URL
+    return REDIS_URL
 
 
 @pytest.fixture
-def amqp_service() -> Iterator[str]:
+def amqp_service() -> str:
     require_service("RabbitMQ", "127.0.0.1", 5672)
-    yield AMQP_URL
+    return AMQP_URL

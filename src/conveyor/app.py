@@ -249,7 +249,7 @@ class Conveyor:
             if request.ignore_result is not None else task.ignore_result,
             "time_limit": request.timelimit[0],
             "soft_time_limit": request.timelimit[1],
-            "headers": {k: v for k, v in request.headers.items()},
+            "headers": dict(request.headers.items()),
             "priority": request.delivery_info.get("priority"),
         }
         if eta is not None:

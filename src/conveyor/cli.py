@@ -210,7 +210,7 @@ def result(state: State, task_id: str, wait: bool, timeout: float | None,
     out.print(f"{status}: {json.dumps(value, default=repr)}", highlight=False)
     if show_traceback and meta and meta.get("traceback"):
         out.print(str(meta["traceback"]), highlight=False)
-    if status == states.FAILURE or status == states.REVOKED:
+    if status in (states.FAILURE, states.REVOKED):
         sys.exit(EXIT_FAILED)
 
 

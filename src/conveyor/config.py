@@ -167,7 +167,8 @@ def from_object(source: Any) -> dict[str, Any]:
         try:
             source = importlib.import_module(source)
         except ImportError as exc:
-            raise ConfigurationError(f"cannot import configuration module {source!r}: {exc}")
+            raise ConfigurationError(
+                f"cannot import configuration module {source!r}: {exc}") from exc
     if isinstance(source, Mapping):
         items = dict(source)
     else:

@@ -96,7 +96,7 @@ class NotRegistered(ConveyorError, KeyError):
         return repr(self.args[0]) if self.args else "NotRegistered"
 
 
-class TimeoutError(ConveyorError, builtins.TimeoutError):  # noqa: A001
+class TimeoutError(ConveyorError, builtins.TimeoutError):
     """Waiting for a result took longer than the timeout."""
 
 

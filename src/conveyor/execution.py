@@ -82,7 +82,7 @@ def _autoretry(task: BaseTask[Any, Any], request: Request, exc: Exception) -> Ou
             task.retry(exc=exc, **options)
     except Retry as retry:
         return Outcome(states.RETRY, retry, format_traceback(exc))
-    except Exception as final:  # noqa: BLE001 - max retries: the task's own failure
+    except Exception as final:
         return Outcome(states.FAILURE, final, format_traceback(final))
 
 
@@ -107,7 +107,7 @@ def execute(
         outcome = Outcome(IGNORED)
     except Reject as reject:
         outcome = Outcome(states.REJECTED, reject, requeue=reject.requeue)
-    except Exception as exc:  # noqa: BLE001 - a task's failure is data, not a crash
+    except Exception as exc:
         outcome = _autoretry(task, request, exc) or Outcome(
             states.FAILURE, exc, format_traceback(exc))
     outcome.runtime = time.perf_counter() - started

@@ -8,9 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from conveyor import Conveyor, states
-from conveyor.errors import TimeLimitExceeded, WorkerLostError
 from tests.apps import proc_app
 from tests.integration.workers import (
     WorkerProcess,
@@ -18,6 +15,9 @@ from tests.integration.workers import (
     start_worker,
     wait_until,
 )
+
+from conveyor import Conveyor, states
+from conveyor.errors import TimeLimitExceeded, WorkerLostError
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +159,8 @@ def test_cli_call_result_status_purge(app: Conveyor, env: dict[str, str], tmp_pa
     assert queued.returncode == 0, queued.stderr
     task_id = queued.stdout.strip()
     status = conveyor_command(["-A", "tests.apps.proc_app", "status"], env)
-    assert status.returncode == 0 and "celery" in status.stdout
+    assert status.returncode == 0
+    assert "celery" in status.stdout
     pending = conveyor_command(["-A", "tests.apps.proc_app", "result", task_id], env)
     assert pending.stdout.startswith("PENDING")
     worker = start_worker(env, tmp_path / "w.log", "-c", "1")
@@ -172,7 +173,8 @@ def test_cli_call_result_status_purge(app: Conveyor, env: dict[str, str], tmp_pa
         conveyor_command(["-A", "tests.apps.proc_app", "call", "tests.apps.proc_app.add",
                           "--args", "[1, 1]"], env)
     purged = conveyor_command(["-A", "tests.apps.proc_app", "purge", "-f"], env)
-    assert purged.returncode == 0 and "Purged 2 messages" in purged.stdout
+    assert purged.returncode == 0
+    assert "Purged 2 messages" in purged.stdout
 
 
 @pytest.mark.parametrize(

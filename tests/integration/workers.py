@@ -51,7 +51,8 @@ class WorkerProcess:
 def conveyor_command(args: Sequence[str], env: dict[str, str], *, timeout: float = 30.0,
                      input_text: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "conveyor", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, input=input_text)
+                          capture_output=True, text=True, timeout=timeout, input=input_text,
+                          check=False)
 
 
 def start_worker(env: dict[str, str], log: Path, *args: str) -> WorkerProcess:

@@ -34,8 +34,8 @@ def captured_envelopes(name: str) -> list[Envelope]:
     if not path.exists():
         pytest.skip(f"captures not found at {path}")
     found = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
+    for raw_line in path.read_text().splitlines():
+        line = raw_line.strip()
         if line.startswith('"envelope_raw": '):
             found.append(envelope_from_kombu(json.loads(line[len('"envelope_raw": '):-1])))
         elif line.startswith("ENVELOPE: "):
@@ -60,7 +60,8 @@ def test_celery_captured_messages_decode() -> None:
     assert linked[0].callbacks[0]["task"] == "interop.add"
     assert linked[0].errbacks is not None
     chained = [embed for embed in embeds if embed.chain]
-    assert chained and chained[0].chain is not None
+    assert chained
+    assert chained[0].chain is not None
     assert chained[0].chain[-1]["task"] == "interop.add"  # next step is the last element
 
 
@@ -69,7 +70,8 @@ def test_protocol_v1_capture_is_read() -> None:
     headers = protocol.read_headers(envelope, JSON)
     assert headers.protocol == 1
     assert headers.task == "interop.add"
-    assert headers.eta is not None and headers.eta.tzinfo is not None
+    assert headers.eta is not None
+    assert headers.eta.tzinfo is not None
     args, kwargs, _ = protocol.decode_body(envelope, JSON, protocol=1)
     assert args == [2, 3]
     assert kwargs == {}

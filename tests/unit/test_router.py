@@ -17,7 +17,8 @@ def router(**settings: Any) -> Router:
 def test_default_route_is_celery_through_the_nameless_exchange() -> None:
     target = router().resolve("proj.add")
     assert (target.exchange, target.routing_key) == ("", "celery")
-    assert target.queue is not None and target.queue.name == "celery"
+    assert target.queue is not None
+    assert target.queue.name == "celery"
 
 
 def test_task_routes_exact_glob_and_callable() -> None:

@@ -33,8 +33,7 @@ def parse_autoscale(value: str) -> AutoscalePolicy:
     maximum = numbers[0]
     minimum = numbers[1] if len(numbers) == 2 else 1
     maximum, minimum = max(maximum, minimum), min(maximum, minimum)
-    if minimum < 1:
-        minimum = 1
+    minimum = max(minimum, 1)
     if maximum < 1:
         raise ValueError("--autoscale MAX must be at least 1")
     return AutoscalePolicy(maximum, minimum)

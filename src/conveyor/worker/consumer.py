@@ -73,7 +73,7 @@ class Consumer:
         try:
             backend.store(task_id, build_meta(task_id, state, value,
                                               request={"task": task_name}))
-        except Exception as exc:  # noqa: BLE001 - the backend being down must not stop intake
+        except Exception as exc:
             logger.warning("Could not store %s for %s: %s", state, task_id, exc)
 
     def _refuse(self, delivery: Delivery, reason: str, *, task_id: str | None = None,

@@ -9,6 +9,7 @@ process, after which a fresh child takes the slot.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -161,10 +162,8 @@ class PreforkPool(Pool):
 
     def _retire(self, child: Child) -> None:
         child.retiring = True
-        try:
+        with contextlib.suppress(OSError):
             child.conn.send(None)
-        except OSError:
-            pass
 
     def _remove(self, child: Child) -> None:
         with self._lock:
@@ -219,10 +218,8 @@ class PreforkPool(Pool):
         self._poke()
 
     def _poke(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self._wakeup_w.send_bytes(b"!")
-        except OSError:
-            pass
 
     # -- supervision ---------------------------------------------------------------------
     def _next_deadline(self) -> float | None:

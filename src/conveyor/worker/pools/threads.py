@@ -67,7 +67,7 @@ class ThreadsPool(Pool):
                     return
                 try:
                     result = run_job(self.app, job, loops)
-                except BaseException as exc:  # noqa: BLE001 - report, never lose the job
+                except BaseException as exc:
                     logger.exception("Job for %s crashed the pool thread", job.task_name)
                     result = JobResult(job.seq, states.FAILURE, reason=repr(exc))
                 with self._lock:
