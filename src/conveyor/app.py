@@ -12,6 +12,7 @@ from conveyor.backends import backend_from_url
 from conveyor.backends.base import ResultBackend
 from conveyor.brokers import broker_from_url
 from conveyor.brokers.base import Broker
+from conveyor.builtins import register_builtins
 from conveyor.config import Settings, build_settings, from_object
 from conveyor.errors import NotRegistered
 from conveyor.producer import Producer
@@ -73,6 +74,7 @@ class Conveyor:
         self._pid = os.getpid()
         self._router: Router | None = None
         self.producer = Producer(self)
+        register_builtins(self)
 
     def __repr__(self) -> str:
         return f"<Conveyor {self.main or '__main__'}>"

@@ -77,10 +77,12 @@ class Producer:
             ignore_result=options.get("ignore_result"),
             extra=extra,
         )
-        link, link_error = options.get("link"), options.get("link_error")
+        chord = options.get("chord")
         embed = Embed(
-            callbacks=_signatures(link),
-            errbacks=_signatures(link_error),
+            callbacks=_signatures(options.get("link")),
+            errbacks=_signatures(options.get("link_error")),
+            chain=_signatures(options.get("chain")),
+            chord=dict(chord) if chord is not None else None,
         )
         delivery_mode = options.get("delivery_mode", conf.task_default_delivery_mode)
         return TaskMessage(

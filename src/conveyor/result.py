@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from conveyor import states
@@ -19,9 +21,12 @@ R = TypeVar("R")
 class AsyncResult(Generic[R]):
     """The state and result of one task, read from the app's result backend."""
 
-    def __init__(self, task_id: str, app: Conveyor) -> None:
+    def __init__(self, task_id: str, app: Conveyor,
+                 parent: AsyncResult[Any] | GroupResult | None = None) -> None:
         self.id = task_id
         self.app = app
+        self.parent = parent
+        """The result of the step before this one in a chain (or a chord's header)."""
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
@@ -129,3 +134,84 @@ class EagerResult(AsyncResult[R]):
 
     def forget(self) -> None:
         self._stored = {"status": states.PENDING, "result": None, "traceback": None}
+
+
+class GroupResult:
+    """The results of a group's members, in the group's order."""
+
+    def __init__(self, group_id: str, results: Sequence[AsyncResult[Any] | GroupResult],
+                 app: Conveyor) -> None:
+        self.id = group_id
+        self.results = list(results)
+        self.app = app
+        self.parent: AsyncResult[Any] | GroupResult | None = None
+
+    def __repr__(self) -> str:
+        return f"<GroupResult {self.id} [{', '.join(r.id for r in self.results)}]>"
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __iter__(self) -> Iterator[AsyncResult[Any] | GroupResult]:
+        return iter(self.results)
+
+    def __getitem__(self, index: int) -> AsyncResult[Any] | GroupResult:
+        return self.results[index]
+
+    def _leaves(self) -> list[AsyncResult[Any]]:
+        leaves: list[AsyncResult[Any]] = []
+        for result in self.results:
+            leaves.extend(result._leaves() if isinstance(result, GroupResult) else [result])
+        return leaves
+
+    def _states(self) -> list[str]:
+        backend = AsyncResult(self.id, self.app).backend
+        leaves = self._leaves()
+        found = backend.get_many([leaf.id for leaf in leaves])
+        return [str(found.get(leaf.id, {}).get("status", states.PENDING)) for leaf in leaves]
+
+    def ready(self) -> bool:
+        return all(state in states.READY_STATES for state in self._states())
+
+    def successful(self) -> bool:
+        return all(state == states.SUCCESS for state in self._states())
+
+    def failed(self) -> bool:
+        return any(state == states.FAILURE for state in self._states())
+
+    def completed_count(self) -> int:
+        return sum(state == states.SUCCESS for state in self._states())
+
+    def waiting(self) -> bool:
+        return not self.ready()
+
+    def get(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        """Every member's value in order; waits at most ``timeout`` seconds in all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        values: list[Any] = []
+        for result in self.results:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            values.append(result.get(timeout=left, propagate=propagate))
+        return values
+
+    join = get
+
+    async def aget(self, timeout: float | None = None, propagate: bool = True) -> list[Any]:
+        return await asyncio.to_thread(self.get, timeout, propagate)
+
+    def save(self) -> None:
+        """Store the membership so :meth:`restore` can rebuild this from the id alone."""
+        AsyncResult(self.id, self.app).backend.save_group(self.id, [r.id for r in self.results])
+
+    @classmethod
+    def restore(cls, group_id: str, app: Conveyor) -> GroupResult | None:
+        members = AsyncResult(group_id, app).backend.get_group(group_id)
+        if members is None:
+            return None
+        return cls(group_id, [AsyncResult(member, app) for member in members], app)
+
+    def forget(self) -> None:
+        backend = AsyncResult(self.id, self.app).backend
+        for leaf in self._leaves():
+            backend.forget(leaf.id)
+        backend.forget_group(self.id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import inspect
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, cast
 
@@ -20,6 +20,7 @@ from conveyor.request import Request, current_request, request_context
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
+    from conveyor.canvas import Signature
     from conveyor.result import AsyncResult
 
 P = ParamSpec("P")
@@ -60,7 +61,7 @@ CALL_OPTIONS = frozenset({
     "priority", "serializer", "compression", "headers", "task_id", "acks_late",
     "time_limit", "soft_time_limit", "ignore_result", "shadow", "reply_to", "link",
     "link_error", "retries", "root_id", "parent_id", "group_id", "group_index",
-    "delivery_mode", "origin",
+    "delivery_mode", "origin", "chain", "chord",
 })
 """Options ``apply_async`` and ``send_task`` accept."""
 
@@ -212,6 +213,41 @@ class BaseTask(Generic[P, R]):
         from conveyor.eager import run_eagerly
 
         return run_eagerly(self, list(args or ()), dict(kwargs or {}), task_id=task_id)
+
+    # -- signatures ----------------------------------------------------------------------
+    def signature(self, args: tuple[Any, ...] | list[Any] | None = None,
+                  kwargs: Mapping[str, Any] | None = None, **options: Any) -> Signature:
+        from conveyor.canvas import Signature
+
+        check_options(options, CALL_OPTIONS, "signature option")
+        return Signature(self.name, args or (), kwargs, options, app=self.app)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature of this call: ``add.s(2)`` is add with 2 as its first argument."""
+        return self.signature(args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: a parent's result is not prepended to its args."""
+        sig = self.signature(args, kwargs)
+        sig.set_immutable(True)
+        return sig
+
+    def map(self, items: Iterable[Any]) -> Signature:
+        """One task that calls this task's function on each item in turn."""
+        from conveyor.canvas import xmap
+
+        return xmap(self.s(), items)
+
+    def starmap(self, items: Iterable[Sequence[Any]]) -> Signature:
+        from conveyor.canvas import xstarmap
+
+        return xstarmap(self.s(), items)
+
+    def chunks(self, items: Iterable[Sequence[Any]], size: int) -> Signature:
+        """Split argument tuples into tasks of ``size`` calls each (a group of starmaps)."""
+        from conveyor.canvas import chunks
+
+        return chunks(self.s(), items, size)
 
     # -- running -------------------------------------------------------------------------
     def run_with(self, request: Request, args: list[Any], kwargs: dict[str, Any]) -> Any:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from conveyor import serialization, states
@@ -112,6 +112,56 @@ class ResultBackend(ABC):
     def delete_counter(self, key: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot count atomically")
 
+    # -- groups and chords --------------------------------------------------------------
+    def save_group(self, group_id: str, task_ids: Sequence[str]) -> None:
+        """Remember a group's members, in order (``GroupResult.save``).
+
+        Stored as Celery's group document ``{"result": [[gid, None], [[[id, None], None],
+        ...]]}``; backends with a place of their own for groups (Redis'
+        ``celery-taskset-meta-<gid>``, SQL's ``celery_tasksetmeta``) override this trio.
+        """
+        members = [[[task_id, None], None] for task_id in task_ids]
+        self.store(group_key(group_id), {
+            "status": states.SUCCESS, "result": [[group_id, None], members],
+            "traceback": None, "children": [], "date_done": None,
+            "task_id": group_key(group_id)})
+
+    def get_group(self, group_id: str) -> list[str] | None:
+        meta = self.get(group_key(group_id))
+        return None if meta is None else group_members(meta.get("result"))
+
+    def forget_group(self, group_id: str) -> None:
+        self.forget(group_key(group_id))
+
+    def prepare_chord(self, group_id: str, task_ids: Sequence[str]) -> bool:
+        """Get ready to count a chord's header; False if this backend cannot count
+        (the producer then sends Celery's polling ``celery.chord_unlock`` instead)."""
+        if not self.supports_counters:
+            return False
+        self.save_group(group_id, task_ids)
+        return True
+
+    def on_chord_part(self, group_id: str, task_id: str, group_index: int | None) -> (
+            list[Meta] | None):
+        """Count one finished header part. Returns the header's documents in order when
+        this call completed the chord and won the right to run the body, else None.
+
+        A redelivered part may be counted twice, so reaching the size is not enough:
+        every member must be ready, and a claim counter makes exactly one caller win.
+        """
+        expires = self.expires if self.expires else None
+        count = self.incr(f"chord-unlock-{group_id}", 1, expires)
+        members = self.get_group(group_id)
+        if members is None or count < len(members):
+            return None
+        found = self.get_many(members)
+        if any(found.get(member, {}).get("status") not in states.READY_STATES
+               for member in members):
+            return None
+        if self.incr(f"chord-claim-{group_id}", 1, expires) != 1:
+            return None
+        return [found[member] for member in members]
+
     @abstractmethod
     def cleanup(self) -> int:
         """Delete expired documents now; return how many."""
@@ -127,3 +177,24 @@ class ResultBackend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def group_key(group_id: str) -> str:
+    return f"celery-taskset-meta-{group_id}"
+
+
+def group_members(result: Any) -> list[str] | None:
+    """Task ids of a stored group tuple ``[[gid, parent], [[[id, parent], None], ...]]``."""
+    if not isinstance(result, (list, tuple)) or len(result) != 2:
+        return None
+    members = result[1]
+    if not isinstance(members, (list, tuple)):
+        return None
+    ids: list[str] = []
+    for member in members:
+        head = member[0] if isinstance(member, (list, tuple)) and member else None
+        task_id = head[0] if isinstance(head, (list, tuple)) and head else head
+        if not isinstance(task_id, str):
+            return None
+        ids.append(task_id)
+    return ids

@@ -13,6 +13,7 @@ from conveyor.errors import MessageError, SerializationError
 from conveyor.execution import LoopRunner, execute, mark_started, record
 from conveyor.request import Request
 from conveyor.worker.job import Job, JobResult
+from conveyor.worker.workflow import after_task
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -57,6 +58,7 @@ def run_job(app: Conveyor, job: Job, loops: LoopRunner) -> JobResult:
     mark_started(task, request, os.getpid())
     started = time.perf_counter()
     outcome = record(task, request, execute(task, request, args, kwargs, loops))
+    after_task(app, request, outcome)
     runtime = time.perf_counter() - started
     if outcome.state == states.SUCCESS:
         logger.info("Task %s[%s] succeeded in %.4fs", job.task_name, job.task_id, runtime)
