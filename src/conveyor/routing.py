@@ -100,7 +100,9 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
         return True
     if "*" not in pattern and "#" not in pattern:
         return pattern == routing_key
-    return _topic_words_match(pattern.split("."), routing_key.split("."))
+    # RabbitMQ splits an empty routing key into no words at all, so '*' cannot match it.
+    words = routing_key.split(".") if routing_key else []
+    return _topic_words_match(pattern.split("."), words)
 
 
 def _topic_words_match(pattern: list[str], words: list[str]) -> bool:
