@@ -8,7 +8,6 @@ backend cannot be reached, 6 timed out waiting.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -26,6 +25,7 @@ from conveyor.errors import (
     ConfigurationError,
     TimeoutError,
 )
+from conveyor.logs import setup_logging
 
 EXIT_FAILED = 1
 EXIT_APP = 3
@@ -74,14 +74,6 @@ class State:
         except BrokerUnavailable as exc:
             fail(f"cannot reach the broker: {exc}", EXIT_UNREACHABLE)
         return app
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s",
-        stream=sys.stderr,
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -82,10 +82,13 @@ def run_until_idle(
     with running_worker(app, queues, pool=pool, concurrency=concurrency) as worker:
         names = worker.queue_names
         while True:
+            # In-flight first: a job publishes its follow-up (chain step, chord body)
+            # before it finishes, so once it is done that message shows in the stats.
+            inflight = worker.consumer.inflight
             stats = app.broker.stats(names)
             pending = sum(s.ready + s.leased + (s.delayed if include_delayed else 0)
                           for s in stats)
-            if pending == 0 and worker.consumer.inflight == 0:
+            if pending == 0 and inflight == 0:
                 return worker.consumer.processed
             if time.monotonic() > deadline:
                 raise TimeoutError(f"queues {names} not idle after {timeout}s "

@@ -74,3 +74,15 @@ def die() -> None:
 @app.task
 def pid() -> int:
     return os.getpid()
+
+
+@app.task(acks_late=True)
+def part(n: int) -> int:
+    time.sleep(0.003)
+    return n
+
+
+@app.task
+def collect(values: list[int], log: str) -> int:
+    note(log, f"{len(values)} {sum(values)} {os.getpid()}")
+    return sum(values)

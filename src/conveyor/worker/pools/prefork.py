@@ -23,6 +23,7 @@ from typing import Any
 
 from conveyor import states
 from conveyor.errors import SoftTimeLimitExceeded
+from conveyor.logs import setup_logging
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.pools.base import Pool, ResultCallback
 
@@ -55,13 +56,15 @@ def _die_with_parent() -> None:
 
 
 def child_main(app_spec: str, conn: Connection, max_tasks: int | None,
-               max_memory_kib: int | None) -> None:
+               max_memory_kib: int | None, log_level: int | None) -> None:
     """A child's life: take jobs from the pipe until told to stop or due to retire."""
     from conveyor.cli_app import load_app
     from conveyor.execution import LoopRunner
     from conveyor.worker.runner import run_job
 
     _die_with_parent()
+    if log_level is not None:  # the fork server's children start with logging unset
+        setup_logging(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about shutdown
     signal.signal(signal.SIGALRM, _raise_soft_limit)
     app = load_app(app_spec)
@@ -119,6 +122,8 @@ class PreforkPool(Pool):
         self.app_spec = app_spec
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child
+        root = logging.getLogger()
+        self.log_level = root.level if root.handlers else None
         self._context = multiprocessing.get_context("forkserver")
         module = app_spec.split(":", 1)[0]
         self._context.set_forkserver_preload(["conveyor.worker.pools.prefork", module])
@@ -135,7 +140,7 @@ class PreforkPool(Pool):
         process = self._context.Process(
             target=child_main,
             args=(self.app_spec, child_conn, self.max_tasks_per_child,
-                  self.max_memory_per_child),
+                  self.max_memory_per_child, self.log_level),
             name="conveyor-child",
             daemon=True,
         )
