@@ -19,6 +19,7 @@ from rich.table import Table
 from conveyor import states
 from conveyor.app import Conveyor
 from conveyor.cli_app import AppNotFound, load_app
+from conveyor.cli_results import results
 from conveyor.errors import (
     BackendUnavailable,
     BrokerUnavailable,
@@ -249,3 +250,6 @@ def demo(count: int, concurrency: int, directory: str) -> None:
     from conveyor.demo_run import run_demo
 
     sys.exit(run_demo(count=count, concurrency=concurrency, directory=directory))
+
+
+main.add_command(results)
