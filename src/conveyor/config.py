@@ -58,6 +58,7 @@ class Settings:
     task_acks_on_failure_or_timeout: bool = True
     task_reject_on_worker_lost: bool = False
     task_track_started: bool = False
+    task_track_received: bool = False
     task_ignore_result: bool = False
     task_store_errors_even_if_ignored: bool = False
     task_time_limit: float | None = None

@@ -43,6 +43,7 @@ TASK_OPTIONS: dict[str, Any] = {
     "ignore_result": None,
     "store_errors_even_if_ignored": None,
     "track_started": None,
+    "track_received": None,
     "time_limit": None,
     "soft_time_limit": None,
     "serializer": None,
@@ -143,6 +144,12 @@ class BaseTask(Generic[P, R]):
     @property
     def track_started(self) -> bool:
         return bool(self._setting("track_started", "task_track_started"))
+
+    @property
+    def track_received(self) -> bool:
+        """Store RECEIVED when a worker takes the message, so a queued task (PENDING)
+        can be told apart from one a worker holds."""
+        return bool(self._setting("track_received", "task_track_received"))
 
     @property
     def time_limit(self) -> float | None:

@@ -145,6 +145,9 @@ class Consumer:
             else task.soft_time_limit,
         )
         logger.info("Task %s[%s] received", name, task_id)
+        if task.track_received and not (headers.ignore_result if headers.ignore_result
+                                         is not None else task.ignore_result):
+            self._store(task_id, states.RECEIVED, None, name)
         with self.lock:
             self.held[job.seq] = delivery
             self.ready.append(job)
