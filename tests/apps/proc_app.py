@@ -86,3 +86,10 @@ def part(n: int) -> int:
 def collect(values: list[int], log: str) -> int:
     note(log, f"{len(values)} {sum(values)} {os.getpid()}")
     return sum(values)
+
+
+@app.task(acks_late=True)
+def long_running(log: str, seconds: float) -> str:
+    note(log, f"start {os.getpid()}")
+    time.sleep(seconds)
+    return "done"

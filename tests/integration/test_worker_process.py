@@ -205,3 +205,37 @@ def test_cli_result_of_a_failed_task_exits_1(app: Conveyor, env: dict[str, str],
     assert shown.returncode == 1
     assert shown.stdout.startswith("FAILURE")
     worker.stop()
+
+
+def test_a_slow_task_is_not_run_twice_because_its_lease_is_renewed(
+    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    log = tmp_path / "long.log"
+    first = start_worker(env, tmp_path / "w1.log", "-c", "1")
+    workers.append(first)
+    result = proc_app.long_running.delay(str(log), 5.0)  # 2.5 x the 2 s lease
+    wait_until(lambda: log.exists(), what="task started")
+    second = start_worker(env, tmp_path / "w2.log", "-c", "1")
+    workers.append(second)
+    assert result.get(timeout=30) == "done"
+    assert log.read_text().count("start") == 1
+    first.stop()
+    second.stop()
+
+
+def test_cold_shutdown_gives_a_running_late_ack_task_back(
+    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    log = tmp_path / "long.log"
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1")
+    workers.append(worker)
+    result = proc_app.long_running.delay(str(log), 30.0)
+    wait_until(lambda: log.exists(), what="task started")
+    worker.signal(signal.SIGTERM)
+    worker.wait_for_log("Warm shutdown")
+    worker.signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=20) == 0
+    assert "Cold shutdown" in worker.text()
+    stats = app.broker.stats(["celery"])[0]
+    assert (stats.ready, stats.leased) == (1, 0)
+    assert result.state == states.PENDING
