@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,32 +18,6 @@ from conveyor import Conveyor, states
 from conveyor.errors import TimeLimitExceeded, WorkerLostError
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    url = f"sqlite:///{tmp_path / 'conveyor.db'}"
-    values = {"CONVEYOR_BROKER_URL": url, "CONVEYOR_RESULT_BACKEND": url,
-              "CONVEYOR_BROKER_TRANSPORT_OPTIONS": '{"visibility_timeout": 2}'}
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return {**os.environ, **values}
-
-
-@pytest.fixture
-def app(env: dict[str, str]) -> Iterator[Conveyor]:
-    proc_app.app.config_from_object({})  # re-read the environment of this test
-    yield proc_app.app
-    proc_app.app.close()
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        if worker.process.poll() is None:
-            worker.kill()
 
 
 def test_prefork_worker_runs_tasks_and_stops_cleanly(
