@@ -174,13 +174,17 @@ class Consumer:
             return job
         return None
 
-    def started(self, job: Job) -> None:
-        """The pool accepted the job: early-ack tasks are acknowledged now."""
-        if not job.acks_late:
-            with self.lock:
-                delivery = self.held.pop(job.seq, None)
-            if delivery is not None:
-                self._settle(delivery, "ack")
+    def started(self, jobs: Sequence[Job]) -> None:
+        """The pool accepted these jobs: early-ack ones are acknowledged now, together."""
+        with self.lock:
+            deliveries = [self.held.pop(job.seq) for job in jobs
+                          if not job.acks_late and job.seq in self.held]
+        if not deliveries:
+            return
+        try:
+            self.app.broker.ack_many(deliveries)
+        except BrokerError as exc:
+            logger.warning("Could not ack %d messages: %s", len(deliveries), exc)
 
     def not_started(self, job: Job) -> None:
         with self.lock:

@@ -207,14 +207,18 @@ class Worker:
         consumer = self.consumer
         next_renew = time.monotonic() + self.renew_interval
         while not self._stopping.is_set():
-            job: Job | None = None
+            jobs: list[Job] = []
             with consumer.lock:
-                if consumer.ready and self.pool.free_slots() > 0:
+                free = self.pool.free_slots() if consumer.ready else 0
+                while len(jobs) < free:
                     job = consumer.take_ready()
-                else:
+                    if job is None:
+                        break
+                    jobs.append(job)
+                if not jobs:
                     consumer.lock.wait(min(0.2, self.renew_interval))
-            if job is not None:
-                self._start_job(job)
+            if jobs:
+                self._start_jobs(jobs)
             now = time.monotonic()
             if now >= next_renew:
                 self._renew_leases()
@@ -222,11 +226,14 @@ class Worker:
             if self.autoscale is not None:
                 self._autoscale(now)
 
-    def _start_job(self, job: Job) -> None:
-        if self.pool.apply(job):
-            self.consumer.started(job)
-        else:
-            self.consumer.not_started(job)
+    def _start_jobs(self, jobs: list[Job]) -> None:
+        started: list[Job] = []
+        for job in jobs:
+            if self.pool.apply(job):
+                started.append(job)
+            else:
+                self.consumer.not_started(job)
+        self.consumer.started(started)
 
     def _on_result(self, job: Job, result: JobResult) -> None:
         self.consumer.finished(job, result)

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from conveyor import states
+from conveyor import serialization, states
 from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.logs import setup_logging
-from conveyor.worker.job import Job, JobResult
+from conveyor.worker.job import Job, JobResult, WireJob
 from conveyor.worker.pools.base import Pool, ResultCallback
 
 logger = logging.getLogger("conveyor.worker")
@@ -68,16 +68,18 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides about shutdown
     signal.signal(signal.SIGALRM, _raise_soft_limit)
     app = load_app(app_spec)
+    accept = serialization.normalize_accept(app.conf.accept_content)
     loops = LoopRunner()
     done = 0
     try:
         while True:
             try:
-                job: Job | None = conn.recv()
+                wire: WireJob | None = conn.recv()
             except (EOFError, OSError):
                 return
-            if job is None:
+            if wire is None:
                 return
+            job = Job.from_wire(wire, accept)
             if job.soft_time_limit:
                 signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
             try:
@@ -87,7 +89,7 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None,
             done += 1
             retire = bool(max_tasks and done >= max_tasks) or bool(
                 max_memory_kib and _rss_kib() > max_memory_kib)
-            conn.send((result, retire))
+            conn.send((result.to_wire(), retire))
             if retire:
                 return
     finally:
@@ -189,7 +191,7 @@ class PreforkPool(Pool):
                 if child.job is None and not child.retiring and child.process.is_alive():
                     child.job, child.started = job, time.monotonic()
                     try:
-                        child.conn.send(job)
+                        child.conn.send(job.to_wire())
                     except OSError:
                         child.job = None
                         continue
@@ -259,9 +261,10 @@ class PreforkPool(Pool):
     def _read(self, child: Child) -> bool:
         """Take one result from a child's pipe; False once the pipe is closed."""
         try:
-            result, retire = child.conn.recv()
+            wire, retire = child.conn.recv()
         except (EOFError, OSError):
             return False
+        result = JobResult.from_wire(wire)
         job = child.job
         with self._lock:
             child.job = None
