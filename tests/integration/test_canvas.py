@@ -228,3 +228,14 @@ def test_signature_from_a_message_dict(app: Conveyor) -> None:
     result = sig.delay(41)
     run(app)
     assert result.get(timeout=5) == 42
+
+
+def test_an_expired_header_part_fails_the_chord_instead_of_hanging(app: Conveyor) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    add, xsum = task(app, "add"), task(app, "xsum")
+    expired = add.s(1, 1).set(expires=datetime.now(UTC) - timedelta(seconds=1))
+    result = chord([add.s(2, 2), expired], xsum.s()).apply_async()
+    run(app)
+    with pytest.raises(ChordError, match="TaskRevokedError"):
+        result.get(timeout=5)

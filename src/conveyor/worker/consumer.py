@@ -158,7 +158,26 @@ class Consumer:
         logger.info("Task %s[%s] expired at %s; not run", headers.task, headers.id,
                     headers.expires)
         self._store(headers.id, states.REVOKED, TaskRevokedError("expired"), headers.task)
+        if headers.group is not None:
+            self._count_expired_chord_part(delivery, headers)
         self._settle(delivery, "ack")
+
+    def _count_expired_chord_part(self, delivery: Delivery,
+                                  headers: protocol.TaskHeaders) -> None:
+        # A chord counts every part that ends, run or not, or its body would wait forever.
+        from conveyor.request import Request
+        from conveyor.worker.workflow import count_chord_part
+
+        try:
+            _, _, embed = protocol.decode_body(delivery.envelope, self.accept,
+                                               headers.protocol)
+            if embed.chord is not None:
+                count_chord_part(self.app, Request(
+                    id=headers.id, task=headers.task, group=headers.group,
+                    group_index=headers.group_index, root_id=headers.root_id, embed=embed,
+                    called_directly=False))
+        except Exception:
+            logger.exception("Could not count expired chord part %s", headers.id)
 
     # -- dispatch -------------------------------------------------------------------------
     def take_ready(self) -> Job | None:
