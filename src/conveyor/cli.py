@@ -95,7 +95,7 @@ def main(ctx: click.Context, app_spec: str | None, broker: str | None) -> None:
 @click.option("-Q", "--queues", help="Comma-separated queues to consume.")
 @click.option("-c", "--concurrency", type=int, help="Pool size (default: number of CPUs).")
 @click.option("-n", "--hostname", help="Node name, e.g. worker1@%h.")
-@click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "solo"]),
+@click.option("-P", "--pool", type=click.Choice(["prefork", "threads", "asyncio", "solo"]),
               help="Execution pool (default: prefork).")
 @click.option("--autoscale", metavar="MAX,MIN", help="Grow and shrink the pool with load.")
 @click.option("--prefetch-multiplier", type=int,

@@ -100,25 +100,44 @@ def execute(
         if task.is_async:
             value = loops.run(value)
         outcome = Outcome(states.SUCCESS, value)
-    except Retry as retry:
-        cause = retry.exc if retry.exc is not None else retry
-        outcome = Outcome(states.RETRY, retry, format_traceback(cause))
-    except Ignore:
-        outcome = Outcome(IGNORED)
-    except Reject as reject:
-        outcome = Outcome(states.REJECTED, reject, requeue=reject.requeue)
-    except Exception as exc:
-        outcome = _autoretry(task, request, exc) or Outcome(
-            states.FAILURE, exc, format_traceback(exc))
+    except Exception as exc:  # a task's failure is data, not a crash
+        outcome = classify_error(task, request, exc)
     outcome.runtime = time.perf_counter() - started
     return outcome
+
+
+async def aexecute(
+    task: BaseTask[Any, Any],
+    request: Request,
+    args: list[Any],
+    kwargs: dict[str, Any],
+) -> Outcome:
+    """:func:`execute` for an ``async def`` task, awaited on the caller's running loop."""
+    started = time.perf_counter()
+    try:
+        outcome = Outcome(states.SUCCESS, await task.run_with(request, args, kwargs))
+    except Exception as exc:  # a task's failure is data, not a crash
+        outcome = classify_error(task, request, exc)
+    outcome.runtime = time.perf_counter() - started
+    return outcome
+
+
+def classify_error(task: BaseTask[Any, Any], request: Request, exc: Exception) -> Outcome:
+    """How a task that raised ended: retried, ignored, rejected or failed."""
+    if isinstance(exc, Retry):
+        cause = exc.exc if exc.exc is not None else exc
+        return Outcome(states.RETRY, exc, format_traceback(cause))
+    if isinstance(exc, Ignore):
+        return Outcome(IGNORED)
+    if isinstance(exc, Reject):
+        return Outcome(states.REJECTED, exc, requeue=exc.requeue)
+    return _autoretry(task, request, exc) or Outcome(
+        states.FAILURE, exc, format_traceback(exc))
 
 
 def stored_value(outcome: Outcome) -> Any:
     if outcome.state == states.RETRY and isinstance(outcome.value, Retry):
         return outcome.value.exc if outcome.value.exc is not None else outcome.value
-    if outcome.state == states.REJECTED:
-        return outcome.value
     return outcome.value
 
 

@@ -189,3 +189,33 @@ def test_late_ack_failure_policy(app: Conveyor) -> None:
     testing.run_until_idle(app, timeout=20)
     assert result.state == states.FAILURE
     assert app.broker.stats(["celery"])[0].dead == 1
+
+
+def test_asyncio_pool_runs_many_async_tasks_at_once(app: Conveyor) -> None:
+    import asyncio
+    import threading
+
+    active = 0
+    peak = 0
+    guard = threading.Lock()
+
+    @app.task(name="t.wait_io")
+    async def wait_io(n: int) -> int:
+        nonlocal active, peak
+        with guard:
+            active += 1
+            peak = max(peak, active)
+        await asyncio.sleep(0.2)
+        with guard:
+            active -= 1
+        return n
+
+    @app.task(name="t.blocking")
+    def blocking(n: int) -> int:
+        time.sleep(0.01)
+        return -n
+
+    results = [wait_io.delay(i) for i in range(40)] + [blocking.delay(1)]
+    testing.run_until_idle(app, timeout=30, pool="asyncio", concurrency=50)
+    assert [r.get(timeout=5) for r in results] == [*range(40), -1]
+    assert peak >= 20  # concurrent on one loop, not one at a time

@@ -20,10 +20,12 @@ from conveyor.errors import TimeLimitExceeded, WorkerLostError
 pytestmark = pytest.mark.slow
 
 
-def test_prefork_worker_runs_tasks_and_stops_cleanly(
-    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+@pytest.mark.parametrize("pool", ["prefork", "threads", "asyncio", "solo"])
+def test_every_pool_runs_tasks_and_stops_cleanly(
+    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess],
+    pool: str
 ) -> None:
-    worker = start_worker(env, tmp_path / "w.log", "-c", "2", "-n", "w1@%h")
+    worker = start_worker(env, tmp_path / "w.log", "-c", "2", "-n", "w1@%h", "-P", pool)
     workers.append(worker)
     sums = [proc_app.add.delay(i, i) for i in range(40)]
     doubles = [proc_app.double.delay(i) for i in range(10)]

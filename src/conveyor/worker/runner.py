@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from conveyor import protocol, serialization, states
 from conveyor.backends.meta import build_meta
 from conveyor.errors import MessageError, SerializationError
-from conveyor.execution import LoopRunner, execute, mark_started, record
+from conveyor.execution import LoopRunner, Outcome, aexecute, execute, mark_started, record
 from conveyor.request import Request
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.workflow import after_task
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
+    from conveyor.task import BaseTask
 
 logger = logging.getLogger("conveyor.worker")
 
@@ -37,8 +39,16 @@ def _request(job: Job, args: list[object], kwargs: dict[str, object],
     )
 
 
-def run_job(app: Conveyor, job: Job, loops: LoopRunner) -> JobResult:
-    """Never raises for anything the task or its message does wrong."""
+@dataclass(slots=True)
+class Prepared:
+    task: BaseTask[Any, Any]
+    request: Request
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+def prepare(app: Conveyor, job: Job) -> Prepared | JobResult:
+    """Decode the body and build the request; a JobResult if the job cannot run."""
     task = app.tasks.get(job.task_name)
     if task is None:  # the consumer checks this first; a registry change is the only way
         return JobResult(job.seq, states.FAILURE, invalid=True,
@@ -56,15 +66,42 @@ def run_job(app: Conveyor, job: Job, loops: LoopRunner) -> JobResult:
         return JobResult(job.seq, states.FAILURE, invalid=True, reason=reason)
     request = _request(job, args, kwargs, embed)
     mark_started(task, request, os.getpid())
-    started = time.perf_counter()
-    outcome = record(task, request, execute(task, request, args, kwargs, loops))
-    after_task(app, request, outcome)
-    runtime = time.perf_counter() - started
+    return Prepared(task, request, args, kwargs)
+
+
+def finish(app: Conveyor, job: Job, prepared: Prepared, outcome: Outcome) -> JobResult:
+    """Store the outcome, set the workflow in motion, log; the result for the worker."""
+    outcome = record(prepared.task, prepared.request, outcome)
+    after_task(app, prepared.request, outcome)
     if outcome.state == states.SUCCESS:
-        logger.info("Task %s[%s] succeeded in %.4fs", job.task_name, job.task_id, runtime)
+        logger.info("Task %s[%s] succeeded in %.4fs", job.task_name, job.task_id,
+                    outcome.runtime)
     elif outcome.state == states.RETRY:
         logger.info("Task %s[%s] retry: %s", job.task_name, job.task_id, outcome.value)
     elif outcome.state == states.FAILURE:
         logger.error("Task %s[%s] raised %r\n%s", job.task_name, job.task_id, outcome.value,
                      outcome.traceback or "")
-    return JobResult(job.seq, outcome.state, requeue=outcome.requeue, runtime=runtime)
+    return JobResult(job.seq, outcome.state, requeue=outcome.requeue, runtime=outcome.runtime)
+
+
+def run_job(app: Conveyor, job: Job, loops: LoopRunner) -> JobResult:
+    """Never raises for anything the task or its message does wrong."""
+    prepared = prepare(app, job)
+    if isinstance(prepared, JobResult):
+        return prepared
+    outcome = execute(prepared.task, prepared.request, prepared.args, prepared.kwargs, loops)
+    return finish(app, job, prepared, outcome)
+
+
+async def arun_job(app: Conveyor, job: Job, loops: LoopRunner) -> JobResult:
+    """:func:`run_job` on a running event loop: ``async def`` tasks are awaited here;
+    sync tasks and the backend's blocking calls go to worker threads."""
+    prepared = await asyncio.to_thread(prepare, app, job)
+    if isinstance(prepared, JobResult):
+        return prepared
+    p = prepared
+    if p.task.is_async:
+        outcome = await aexecute(p.task, p.request, p.args, p.kwargs)
+    else:
+        outcome = await asyncio.to_thread(execute, p.task, p.request, p.args, p.kwargs, loops)
+    return await asyncio.to_thread(finish, app, job, prepared, outcome)

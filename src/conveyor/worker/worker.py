@@ -97,6 +97,10 @@ class Worker:
 
             cls = SoloPool if name == "solo" else ThreadsPool
             return cls(self.app, size, self._on_result)
+        if name == "asyncio":
+            from conveyor.worker.pools.aio import AsyncioPool
+
+            return AsyncioPool(self.app, size, self._on_result)
         if name == "prefork":
             if app_spec is None:
                 raise ConfigurationError(
@@ -108,7 +112,7 @@ class Worker:
                                max_tasks_per_child=max_tasks,
                                max_memory_per_child=max_memory)
         raise ConfigurationError(
-            f"unknown pool {name!r}; choose prefork, threads or solo")
+            f"unknown pool {name!r}; choose prefork, threads, asyncio or solo")
 
     # -- lifecycle -------------------------------------------------------------------------
     def window(self) -> int:

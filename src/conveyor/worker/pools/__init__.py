@@ -6,4 +6,4 @@ from conveyor.worker.pools.base import Pool, ResultCallback
 
 __all__ = ["POOL_NAMES", "Pool", "ResultCallback"]
 
-POOL_NAMES = ("prefork", "threads", "solo")
+POOL_NAMES = ("prefork", "threads", "asyncio", "solo")
