@@ -242,6 +242,8 @@ class SqlBackend(ResultBackend):
                 try:
                     self._execute(lambda connection: create_tables(connection, self.tables))
                     break
+                except BackendUnavailable:
+                    raise
                 except BackendError:
                     # Another process may have created them between our look and our
                     # CREATE; the next look finds them.
@@ -249,6 +251,11 @@ class SqlBackend(ResultBackend):
                         raise
                     time.sleep(_RETRY_FIRST * attempt)
             self._tables_ready.set()
+
+    def _clock(self) -> datetime:
+        """Now, once the tables exist: creating them can take longer than a short expiry."""
+        self._ensure_tables()
+        return _now()
 
     def _load(self, payload: Any) -> Any:
         return _load_untyped(bytes(payload), self.serializer, self.accept)
@@ -269,7 +276,7 @@ class SqlBackend(ResultBackend):
 
     # -- the contract ----------------------------------------------------------------------
     def store(self, task_id: str, meta: Mapping[str, Any]) -> None:
-        now = _now()
+        now = self._clock()
         row = row_from_meta(task_id, meta, self._dump, now)
         # Celery treats both None and 0 as "never expire".
         row["expires_at"] = now + timedelta(seconds=self.expires) if self.expires else None
@@ -331,14 +338,16 @@ class SqlBackend(ResultBackend):
         return sa.select(*[column for column in task.columns if column.name != "id"])
 
     def get(self, task_id: str) -> Meta | None:
-        query = self._select().where(self.tables.task.c.task_id == task_id, self._live(_now()))
+        query = self._select().where(
+            self.tables.task.c.task_id == task_id, self._live(self._clock())
+        )
         row = self._run(lambda connection: connection.execute(query).first())
         return None if row is None else meta_from_row(row, self._load)
 
     def get_many(self, task_ids: Iterable[str]) -> dict[str, Meta]:
         ids = list(dict.fromkeys(task_ids))
         found: dict[str, Meta] = {}
-        now = _now()
+        now = self._clock()
         for start in range(0, len(ids), _IDS_PER_QUERY):
             query = self._select().where(
                 self.tables.task.c.task_id.in_(ids[start : start + _IDS_PER_QUERY]), self._live(now)
@@ -376,7 +385,7 @@ class SqlBackend(ResultBackend):
         )
 
     def incr(self, key: str, amount: int = 1, expires: float | None = None) -> int:
-        now = _now()
+        now = self._clock()
         expires_at = None if expires is None else now + timedelta(seconds=expires)
         counter = self.tables.counter
         # An expired counter starts again from zero, as an expired Redis key would.
@@ -384,25 +393,19 @@ class SqlBackend(ResultBackend):
 
         def count(connection: Connection) -> int:
             if self._mysql:
-                # LAST_INSERT_ID(expr) hands this connection the value the statement wrote.
-                insert = mysql.insert(counter).values(
-                    name=key, value=sa.func.last_insert_id(amount), expires_at=expires_at
-                )
+                # No RETURNING here. The upsert keeps the row locked until commit, so a
+                # read in the same transaction sees exactly the value it wrote.
+                insert = mysql.insert(counter).values(name=key, value=amount, expires_at=expires_at)
                 insert = insert.on_duplicate_key_update(
                     [
                         # Listed first so it still sees the old expires_at.
-                        (
-                            "value",
-                            sa.func.last_insert_id(
-                                sa.case((expired, amount), else_=counter.c.value + amount)
-                            ),
-                        ),
+                        ("value", sa.case((expired, amount), else_=counter.c.value + amount)),
                         ("expires_at", insert.inserted.expires_at),
                     ]
                 )
                 connection.execute(insert)
-                value = int(connection.execute(sa.select(sa.func.last_insert_id())).scalar_one())
-                return value - 2**64 if value >= 2**63 else value  # it is unsigned
+                current = sa.select(counter.c.value).where(counter.c.name == key)
+                return int(connection.execute(current.with_for_update()).scalar_one())
             upsert = (postgresql.insert if self._postgresql else sqlite.insert)(counter).values(
                 name=key, value=amount, expires_at=expires_at
             )
@@ -428,7 +431,7 @@ class SqlBackend(ResultBackend):
         )
 
     def cleanup(self) -> int:
-        now = _now()
+        now = self._clock()
         task, group, counter = self.tables.task, self.tables.group, self.tables.counter
 
         def delete_expired(connection: Connection) -> int:
