@@ -116,6 +116,8 @@ class Retry(TaskPredicate):
         self.message = message
         self.exc = exc
         self.when = when
+        self.state_stored = False
+        """True once the worker stored RETRY for this retry (Task.retry does it first)."""
         super().__init__(message, exc, when)
 
     def humanize(self) -> str:

@@ -157,6 +157,8 @@ def record(task: BaseTask[Any, Any], request: Request, outcome: Outcome) -> Outc
         return outcome
     if not should_store(task, request, state):
         return outcome
+    if isinstance(outcome.value, Retry) and outcome.value.state_stored:
+        return outcome
     meta = build_meta(request.id, state, stored_value(outcome), traceback=outcome.traceback,
                       request=request.as_meta_source(), extended=task.app.conf.result_extended)
     try:
@@ -169,6 +171,19 @@ def record(task: BaseTask[Any, Any], request: Request, outcome: Outcome) -> Outc
             request.id, states.FAILURE, failure.value, request=request.as_meta_source()))
         return failure
     return outcome
+
+
+def store_retry(task: BaseTask[Any, Any], request: Request, signal: Retry) -> bool:
+    """Store RETRY for a retry about to be sent; True if it was stored."""
+    backend = task.app.backend
+    if backend is None or request.id is None or not should_store(task, request, states.RETRY):
+        return False
+    cause = signal.exc if signal.exc is not None else signal
+    traceback = "".join(tb.format_exception(cause)) if cause.__traceback__ else None
+    backend.store(request.id, build_meta(
+        request.id, states.RETRY, cause, traceback=traceback,
+        request=request.as_meta_source(), extended=task.app.conf.result_extended))
+    return True
 
 
 def mark_started(task: BaseTask[Any, Any], request: Request, pid: int) -> None:

@@ -304,11 +304,17 @@ class BaseTask(Generic[P, R]):
         if eta is None:
             countdown = self.default_retry_delay if countdown is None else countdown
         when: float | datetime = eta if eta is not None else cast(float, countdown)
+        signal = Retry(exc=exc, when=when)
         if request.is_eager:
-            raise Retry(exc=exc, when=when)
+            raise signal
+        # RETRY is stored before the copy is sent: stored after, it could land on top of
+        # what the copy's own (quick) run stored.
+        from conveyor.execution import store_retry
+
+        signal.state_stored = store_retry(self, request, signal)
         self.app.send_retry(self, request, args=args, kwargs=kwargs, eta=eta,
                             countdown=countdown, options=options)
-        raise Retry(exc=exc, when=when)
+        raise signal
 
 
 class Task(BaseTask[P, R]):
