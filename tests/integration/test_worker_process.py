@@ -156,6 +156,8 @@ def test_cli_call_result_status_purge(app: Conveyor, env: dict[str, str], tmp_pa
     [
         (["-A", "no_such_module", "status"], 3, "cannot import"),
         (["-b", "nosuch://x", "status"], 4, "unknown broker scheme"),
+        (["-b", "sqlite:////proc/no-such-dir/x.db", "status"], 5, "cannot reach the broker"),
+        (["-b", "redis://127.0.0.1:1/0", "status"], 5, "cannot reach the broker"),
         (["call", "x", "--args", "{bad"], 2, "not valid JSON"),
         (["-A", "tests.apps.proc_app", "result", "never-stored", "--wait", "--timeout",
           "0.2"], 6, "not ready"),
