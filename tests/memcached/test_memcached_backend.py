@@ -3,8 +3,10 @@ and writes the same keys, lifetimes in memcached's terms, and bad input end to e
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -279,3 +281,66 @@ def test_results_that_cannot_be_stored_become_failures_that_say_why(app: Conveyo
             result.get(timeout=PATIENCE)
         assert result.state == states.FAILURE
         assert fine.delay().get(timeout=PATIENCE) == 7  # the worker kept going
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_uses_connections_of_its_own(backend: MemcachedBackend) -> None:
+    parent_id, child_id = new_id(), new_id()
+    backend.store(parent_id, success(parent_id, "parent"))  # the pool now holds a socket
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            for _ in range(50):  # sharing the parent's socket would cross the replies
+                backend.store(child_id, success(child_id, "child"))
+                seen = backend.get(parent_id)
+                if seen is None or seen["result"] != "parent":
+                    break
+            else:
+                code = 0
+        finally:
+            os._exit(code)
+    for _ in range(50):
+        assert backend.get(parent_id)["result"] == "parent"  # type: ignore[index]
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert backend.get(child_id)["result"] == "child"  # type: ignore[index]
+
+
+def test_groups_saved_by_either_side_restore_on_the_other(
+    celery_app: Celery, shared: MemcachedBackend
+) -> None:
+    from celery.result import GroupResult as CeleryGroup
+
+    members = [new_id() for _ in range(3)]
+    saved_by_celery = CeleryGroup(
+        new_id(), [CeleryResult(m, app=celery_app) for m in members], app=celery_app
+    )
+    saved_by_celery.save()
+    assert shared.get_group(saved_by_celery.id) == members
+
+    group_id = new_id()
+    shared.save_group(group_id, members)
+    restored = CeleryGroup.restore(group_id, app=celery_app)
+    assert restored is not None
+    assert [result.id for result in restored.results] == members
+    shared.forget_group(group_id)
+    assert shared.get_group(group_id) is None
+
+
+def test_a_chord_completes_through_the_counters(app: Conveyor) -> None:
+    from conveyor.canvas import chord
+
+    @app.task(name="bad.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="bad.xsum")
+    def xsum(values: list[int]) -> int:
+        return sum(values)
+
+    result = chord([add.s(i, i) for i in range(5)], xsum.s()).apply_async()
+    testing.run_until_idle(app, timeout=PATIENCE)
+    assert result.get(timeout=PATIENCE) == 20

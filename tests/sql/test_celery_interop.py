@@ -272,3 +272,26 @@ def test_the_tables_have_celerys_columns(celery_app: Celery, backend: SqlBackend
     finally:
         inspector_engine.dispose()
     assert {"celery_taskmeta", "celery_tasksetmeta", "conveyor_counters"} <= set(names)
+
+
+def test_groups_saved_by_either_side_restore_on_the_other(
+    celery_app: Celery, backend: SqlBackend
+) -> None:
+    from celery.result import GroupResult as CeleryGroup
+
+    members = [new_id() for _ in range(3)]
+    saved_by_celery = CeleryGroup(
+        new_id(), [CeleryResult(m, app=celery_app) for m in members], app=celery_app
+    )
+    saved_by_celery.save()
+    assert backend.get_group(saved_by_celery.id) == members
+
+    group_id = new_id()
+    backend.save_group(group_id, members)
+    backend.save_group(group_id, members[:2])  # saving again replaces
+    restored = CeleryGroup.restore(group_id, app=celery_app)
+    assert restored is not None
+    assert [result.id for result in restored.results] == members[:2]
+    backend.forget_group(group_id)
+    assert backend.get_group(group_id) is None
+    assert CeleryGroup.restore(group_id, app=celery_app) is None

@@ -90,7 +90,14 @@ def test_celery_urls_map_to_installed_drivers(url: str, driver: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["postgresql://u@h/db", "db+sqlite://", "db+sqlite:///:memory:", "db+nonsense"]
+    "url",
+    [
+        "postgresql://u@h/db",
+        "db+sqlite://",
+        "db+sqlite:///:memory:",
+        "db+nonsense",
+        "db+mysql+mysqldb://u@h/db",  # a driver that is not installed
+    ],
 )
 def test_urls_that_cannot_work_are_refused(url: str) -> None:
     with pytest.raises(ConfigurationError):
@@ -100,6 +107,8 @@ def test_urls_that_cannot_work_are_refused(url: str) -> None:
 def test_unknown_options_are_refused_by_name() -> None:
     with pytest.raises(ConfigurationError, match="table_name"):
         SqlBackend("db+sqlite:///x.db", table_name="oops")
+    with pytest.raises(ConfigurationError, match="bogus"):
+        SqlBackend("db+sqlite:///x.db", database_engine_options={"bogus": 1})
 
 
 def test_passwords_stay_out_of_errors() -> None:
@@ -446,3 +455,24 @@ def test_a_forked_child_uses_connections_of_its_own(backend: SqlBackend) -> None
     # The parent's pooled connection survived the child.
     assert backend.get(child_id)["result"] == "child"  # type: ignore[index]
     assert backend.get(parent_id)["result"] == "parent"  # type: ignore[index]
+
+
+# -- chords: counted in the database, no polling ----------------------------------------------
+def test_a_chord_completes_through_the_counters(app: Conveyor, backend: SqlBackend) -> None:
+    from conveyor.canvas import chord
+
+    @app.task(name="bad.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="bad.xsum")
+    def xsum(values: list[int]) -> int:
+        return sum(values)
+
+    result = chord([add.s(i, i) for i in range(5)], xsum.s()).apply_async()
+    testing.run_until_idle(app, timeout=PATIENCE)
+    assert result.get(timeout=PATIENCE) == 20
+    # Counted with incr, not by a polling celery.chord_unlock task.
+    assert backend.supports_counters
+    assert app.backend is not None
+    assert app.backend.get_group(result.parent.id) is not None  # type: ignore[union-attr]

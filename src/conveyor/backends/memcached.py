@@ -25,7 +25,7 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pymemcache.client.base import PooledClient
@@ -38,7 +38,7 @@ from pymemcache.exceptions import (
 )
 
 from conveyor import serialization, states
-from conveyor.backends.base import Meta, ResultBackend
+from conveyor.backends.base import Meta, ResultBackend, group_members
 from conveyor.errors import (
     BackendError,
     BackendUnavailable,
@@ -51,6 +51,7 @@ from conveyor.errors import (
 T = TypeVar("T")
 
 TASK_KEY_PREFIX = "celery-task-meta-"
+GROUP_KEY_PREFIX = "celery-taskset-meta-"
 DEFAULT_PORT = 11211
 MAX_RELATIVE_EXPIRY = 30 * 24 * 60 * 60
 """Longer lifetimes are read by memcached as an absolute Unix time."""
@@ -160,6 +161,7 @@ class MemcachedBackend(ResultBackend):
         self.servers = servers_of(url)
         self.item_size_max = item_size_max
         self._task_prefix = with_global_prefix(global_keyprefix, TASK_KEY_PREFIX)
+        self._group_prefix = with_global_prefix(global_keyprefix, GROUP_KEY_PREFIX)
         self._counter_prefix = with_global_prefix(global_keyprefix, "")
         self._options: dict[str, Any] = {
             "connect_timeout": connect_timeout,
@@ -255,6 +257,24 @@ class MemcachedBackend(ResultBackend):
     def forget(self, task_id: str) -> None:
         self._call(self._client.delete, self._key(task_id), False)
 
+    # -- groups: Celery's celery-taskset-meta-<gid> ---------------------------------------------
+    def save_group(self, group_id: str, task_ids: Sequence[str]) -> None:
+        """Celery's ``GroupResult.save()`` document: ``{"result": <group tuple>}``."""
+        members = [[[task_id, None], None] for task_id in task_ids]
+        data, _, _ = self.encode({"result": [[group_id, None], members]})
+        lifetime = memcached_expiry(self.expires)
+        self._call(self._client.set, self._group_prefix + group_id, data, lifetime, False)
+
+    def get_group(self, group_id: str) -> list[str] | None:
+        data = self._call(self._client.get, self._group_prefix + group_id)
+        if data is None:
+            return None
+        return group_members(self._decode_document(data).get("result"))
+
+    def forget_group(self, group_id: str) -> None:
+        self._call(self._client.delete, self._group_prefix + group_id, False)
+
+    # -- counters ------------------------------------------------------------------------------
     def incr(self, key: str, amount: int = 1, expires: float | None = None) -> int:
         if amount < 0:
             raise ValueError("memcached counters only count up (they are unsigned)")

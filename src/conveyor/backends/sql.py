@@ -26,15 +26,12 @@ Elsewhere ``wait`` polls with the base backoff (0.5 ms growing to 50 ms).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import os
-import selectors
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
@@ -45,7 +42,8 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from conveyor import serialization, states
-from conveyor.backends.base import POLL_FIRST, POLL_MAX, Meta, ResultBackend
+from conveyor.backends.base import POLL_FIRST, POLL_MAX, Meta, ResultBackend, group_members
+from conveyor.backends.sql_listener import Listener
 from conveyor.backends.sql_schema import build_tables, create_tables, meta_from_row, row_from_meta
 from conveyor.errors import (
     BackendError,
@@ -57,7 +55,6 @@ from conveyor.errors import (
 )
 
 T = TypeVar("T")
-logger = logging.getLogger("conveyor.backends.sql")
 
 _DEFAULT_DRIVERS = {
     "postgresql": "postgresql+psycopg",
@@ -76,8 +73,6 @@ _IDS_PER_QUERY = 500
 # With LISTEN working, waiters are woken by NOTIFY; this slow look is only for results
 # stored without a NOTIFY (by Celery, or a writer with ``listen`` off).
 LISTEN_POLL_MAX = 1.0
-_LISTEN_KEEPALIVE = 30.0
-_LISTEN_RETRY_MAX = 5.0
 
 _PICKLE_MARK = b"\x80"  # every pickle of protocol 2 or later starts with it
 
@@ -180,17 +175,26 @@ class SqlBackend(ResultBackend):
                 f"{task.schema}.{task.name}".encode(), usedforsecurity=False
             ).hexdigest()[:20]
         )
-        self._listener = (
-            _Listener(self._engine, self._channel) if listen and self._postgresql else None
-        )
+        # The listener speaks psycopg 3 (its notifies() and socket); other drivers poll.
+        notifies = self._postgresql and self._engine.dialect.driver == "psycopg"
+        self._listener = Listener(self._engine, self._channel) if listen and notifies else None
         _LIVE.add(self)
 
     def _create_engine(self, options: dict[str, Any]) -> Engine:
         merged = {**_ENGINE_DEFAULTS, **options}
-        if self.sa_url.get_backend_name() != "sqlite":
-            return sa.create_engine(self.sa_url, **merged)
-        merged["connect_args"] = {"timeout": _SQLITE_BUSY_TIMEOUT, **merged.get("connect_args", {})}
-        engine = sa.create_engine(self.sa_url, **merged)
+        sqlite_file = self.sa_url.get_backend_name() == "sqlite"
+        if sqlite_file:
+            merged["connect_args"] = {
+                "timeout": _SQLITE_BUSY_TIMEOUT,
+                **merged.get("connect_args", {}),
+            }
+        try:
+            engine = sa.create_engine(self.sa_url, **merged)
+        except (ImportError, sa_exc.ArgumentError, TypeError) as exc:
+            # A driver that isn't installed, or an engine option it doesn't take.
+            raise ConfigurationError(f"cannot use {self._where}: {exc}") from exc
+        if not sqlite_file:
+            return engine
 
         def use_wal(dbapi_connection: Any, _record: Any) -> None:
             # Readers keep polling while a writer commits; the mode is kept in the file.
@@ -384,6 +388,51 @@ class SqlBackend(ResultBackend):
             lambda connection: connection.execute(task.delete().where(task.c.task_id == task_id))
         )
 
+    # -- groups: Celery's celery_tasksetmeta ---------------------------------------------------
+    def save_group(self, group_id: str, task_ids: Sequence[str]) -> None:
+        """Celery's ``GroupResult.save()`` row: the group tuple, serialized, in ``result``."""
+        members = [[[task_id, None], None] for task_id in task_ids]
+        group = self.tables.group
+        row = {
+            "taskset_id": group_id,
+            "result": self._dump([[group_id, None], members]),
+            "date_done": self._clock(),
+        }
+
+        def replace(connection: Connection) -> None:
+            if self._mysql:
+                insert = mysql.insert(group).values(row)
+                connection.execute(
+                    insert.on_duplicate_key_update(
+                        result=insert.inserted.result, date_done=insert.inserted.date_done
+                    )
+                )
+                return
+            upsert = (postgresql.insert if self._postgresql else sqlite.insert)(group).values(row)
+            connection.execute(
+                upsert.on_conflict_do_update(
+                    index_elements=[group.c.taskset_id],
+                    set_={"result": upsert.excluded.result, "date_done": upsert.excluded.date_done},
+                )
+            )
+
+        self._run(replace)
+
+    def get_group(self, group_id: str) -> list[str] | None:
+        group = self.tables.group
+        query = sa.select(group.c.result).where(group.c.taskset_id == group_id)
+        payload = self._run(lambda connection: connection.execute(query).scalar_one_or_none())
+        return None if payload is None else group_members(self._load(payload))
+
+    def forget_group(self, group_id: str) -> None:
+        group = self.tables.group
+        self._run(
+            lambda connection: connection.execute(
+                group.delete().where(group.c.taskset_id == group_id)
+            )
+        )
+
+    # -- counters ------------------------------------------------------------------------------
     def incr(self, key: str, amount: int = 1, expires: float | None = None) -> int:
         now = self._clock()
         expires_at = None if expires is None else now + timedelta(seconds=expires)
@@ -469,11 +518,11 @@ class SqlBackend(ResultBackend):
         self._tables_lock = threading.Lock()
         if self._listener is not None:
             _INHERITED.append(self._listener)
-            self._listener = _Listener(self._engine, self._channel)
+            self._listener = Listener(self._engine, self._channel)
 
 
 _LIVE: weakref.WeakSet[SqlBackend] = weakref.WeakSet()
-_INHERITED: list[_Listener] = []
+_INHERITED: list[Listener] = []
 
 
 def _renew_in_child() -> None:
@@ -483,115 +532,3 @@ def _renew_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_renew_in_child)
-
-
-class _Listener:
-    """One PostgreSQL LISTEN connection per backend, shared by all of its waiters.
-
-    A thread blocks on the connection's socket and a wake-up pipe (so ``stop`` is
-    immediate) and sets the event of every waiter for a notified task id. While it is
-    not listening (starting, or reconnecting after the database went away), waiters poll
-    at the normal pace; each time LISTEN takes effect every waiter is woken to look again,
-    so nothing stored before that is missed.
-    """
-
-    def __init__(self, engine: Engine, channel: str) -> None:
-        self._engine = engine
-        self._channel = channel
-        self._lock = threading.Lock()
-        self._waiters: dict[str, set[threading.Event]] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._wake_r = self._wake_w = -1
-        self.listening = False
-
-    @contextlib.contextmanager
-    def watch(self, task_id: str) -> Iterator[threading.Event]:
-        event = threading.Event()
-        with self._lock:
-            self._waiters.setdefault(task_id, set()).add(event)
-            if self._thread is None and not self._stopping:
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_r, False)
-                self._thread = threading.Thread(
-                    target=self._run, name="conveyor-sql-listener", daemon=True
-                )
-                self._thread.start()
-        try:
-            yield event
-        finally:
-            with self._lock:
-                waiting = self._waiters.get(task_id)
-                if waiting is not None:
-                    waiting.discard(event)
-                    if not waiting:
-                        del self._waiters[task_id]
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        os.write(self._wake_w, b"x")
-        thread.join(_LISTEN_RETRY_MAX + 5)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._stopping = False
-
-    def _wake(self, task_id: str | None) -> None:
-        with self._lock:
-            if task_id is None:
-                events = [event for waiting in self._waiters.values() for event in waiting]
-            else:
-                events = list(self._waiters.get(task_id, ()))
-        for event in events:
-            event.set()
-
-    def _pause(self, seconds: float) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            selector.select(seconds)
-
-    def _drain_wake_pipe(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 512):
-                pass
-
-    def _run(self) -> None:
-        delay = _RETRY_FIRST
-        while not self._stopping:
-            try:
-                self._listen()
-                delay = _RETRY_FIRST
-            except Exception as exc:  # the database went away: retry
-                self.listening = False
-                self._wake(None)
-                logger.warning(
-                    "LISTEN on %s failed (%s); retrying in %.2fs", self._channel, exc, delay
-                )
-                self._pause(delay)
-                delay = min(delay * 2, _LISTEN_RETRY_MAX)
-
-    def _listen(self) -> None:
-        pooled = self._engine.raw_connection()
-        connection: Any = pooled.driver_connection  # a psycopg.Connection
-        pooled.detach()  # ours for as long as we listen; closing it closes the socket
-        try:
-            connection.rollback()  # the pool's liveness ping may have opened a transaction
-            connection.autocommit = True
-            connection.execute(f'LISTEN "{self._channel}"')
-            self.listening = True
-            self._wake(None)
-            with selectors.DefaultSelector() as selector:
-                selector.register(connection.fileno(), selectors.EVENT_READ)
-                selector.register(self._wake_r, selectors.EVENT_READ)
-                while not self._stopping:
-                    if not selector.select(_LISTEN_KEEPALIVE):
-                        connection.execute("SELECT 1")  # notice a silently dead connection
-                    self._drain_wake_pipe()
-                    for notify in connection.notifies(timeout=0):
-                        self._wake(notify.payload)
-        finally:
-            self.listening = False
-            pooled.close()
