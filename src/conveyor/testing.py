@@ -84,11 +84,14 @@ def run_until_idle(
         while True:
             # In-flight first: a job publishes its follow-up (chain step, chord body)
             # before it finishes, so once it is done that message shows in the stats.
-            inflight = worker.consumer.inflight
+            # And again after: a message fetched and early-acked while the stats were
+            # read (they take a round trip on a networked broker) shows in neither.
+            before = (worker.consumer.inflight, worker.consumer.processed)
             stats = app.broker.stats(names)
             pending = sum(s.ready + s.leased + (s.delayed if include_delayed else 0)
                           for s in stats)
-            if pending == 0 and inflight == 0:
+            after = (worker.consumer.inflight, worker.consumer.processed)
+            if pending == 0 and before[0] == 0 and after == before:
                 return worker.consumer.processed
             if time.monotonic() > deadline:
                 raise TimeoutError(f"queues {names} not idle after {timeout}s "

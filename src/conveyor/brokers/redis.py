@@ -1,0 +1,700 @@
+"""The Redis broker: kombu's key layout and envelope, so Celery clients share its queues.
+
+Celery producers and workers and Conveyor producers and workers can use the same Redis at
+once (key layout in :mod:`conveyor.brokers.redis_layout`). Where it is safe, it does
+better than kombu:
+
+* **Atomic fetch.** One Lua script pops up to ``max_messages`` from the queues' priority
+  lists (Celery's order) and records each in ``unacked``/``unacked_index`` plus a lease
+  of its own; no crash or dropped connection can lose a message in between.
+* **Leases, not guesses.** A lease lapses ``visibility_timeout`` after the fetch unless
+  renewed (``extend``, which the worker does while it holds a message). Renewing also
+  moves the ``unacked_index`` score, so Celery workers, which restore what was delivered
+  more than *their* ``visibility_timeout`` ago, never restore a message a live Conveyor
+  worker holds; a dead worker's messages still come back. Lapsed leases of the queues a
+  fetch reads are restored by that fetch, a bounded number per call; deliveries Celery
+  workers took and never settled are restored by kombu's rule under ``unacked_mutex``,
+  at most ``unacked_restore_limit`` per scan.
+* **Eta in Redis, not in memory.** A Conveyor producer LPUSHes eta/countdown tasks into
+  the queue list as Celery does, so Celery workers can take them. A Conveyor worker that
+  receives an early eta calls ``defer``, which moves it (one script) to a delayed zset
+  Conveyor fetches move back when due: far etas wait in Redis, never in a worker.
+  So ``publish(delay=...)`` of a message whose headers carry an ``eta`` makes it
+  *visible and deferred*, not invisible as the base contract says; a message without an
+  ``eta`` header waits invisible in the delayed zset (Celery cannot see it until due).
+* **No polling floor.** An idle fetch sleeps until Redis reports a change to one of its
+  lists (client tracking; :mod:`conveyor.brokers.redis_wakeup`), a delay or lease falls
+  due, or ``wake()``.
+
+Priorities are Celery's on Redis: the property (0-9) maps to ``priority_steps``
+(default 0, 3, 6, 9) and **lower steps are served first**; within a step, FIFO. So
+``supports_priority`` is False: the contract's "9 first" does not hold here, by design.
+Fanout exchanges: a message goes to the lists of the bound queues Conveyor consumes
+(durable, acked like any other) and is PUBLISHed on kombu's ``/<db>.<exchange>`` channel
+for Celery consumers; a Conveyor fetch also takes what Celery publishes there.
+Messages requeued or restored by Conveyor keep their envelope unchanged (their count is
+kept in ``_conveyor.deliveries``); only restores of Celery's deliveries set kombu's
+``redelivered`` flags.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+from conveyor.brokers import redis_scripts as scripts
+from conveyor.brokers.base import Broker, QueueStats
+from conveyor.brokers.redis_layout import KeyLayout, check_queue_name, decode_envelope
+from conveyor.brokers.redis_routing import RedisTopology, new_delivery_tag
+from conveyor.brokers.redis_wakeup import ChangeListener, WakePipe, minimal_prefixes
+from conveyor.brokers.virtual import (
+    DeadLetter,
+    Doorbell,
+    WakeRequests,
+    priority_of,
+    unique_queue_names,
+)
+from conveyor.envelope import Delivery, Envelope
+from conveyor.errors import BrokerError, BrokerUnavailable
+from conveyor.redis_connection import (
+    CONNECTION_OPTIONS,
+    RedisClients,
+    as_bytes,
+    as_text,
+    translated,
+)
+from conveyor.routing import Binding, Exchange, Queue
+
+logger = logging.getLogger("conveyor.brokers.redis")
+
+BROKER_OPTIONS = frozenset(
+    {
+        "global_keyprefix",
+        "sep",
+        "priority_steps",
+        "fanout_prefix",
+        "fanout_patterns",
+        "unacked_key",
+        "unacked_index_key",
+        "unacked_mutex_key",
+        "unacked_mutex_expire",
+        "unacked_restore_limit",
+        "restore_interval",
+        "polling_interval",
+        "dead_letter_limit",
+        "scan_limit",
+    }
+)
+URL_OPTIONS = frozenset(
+    {
+        "global_keyprefix",
+        "dead_letter_limit",
+        "scan_limit",
+        "unacked_restore_limit",
+        "restore_interval",
+        "polling_interval",
+    }
+)
+# kombu/Celery options that mean nothing here; accepted so shared settings keep working.
+IGNORED_OPTIONS = frozenset(
+    {
+        "max_retries",
+        "interval_start",
+        "interval_step",
+        "interval_max",
+        "retry_policy",
+        "ack_emulation",
+        "body_encoding",
+        "queue_order_strategy",
+        "confirm_publish",
+        "unacked_restore_interval",
+        "unacked_restore_throttle",
+        "retry_on_timeout",
+        "connection_class",
+        "health_check_interval_unset",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """What ack/reject/extend/defer need of a delivery this broker issued."""
+
+    delivery_tag: str
+    queue: str
+
+
+def _held(delivery: Delivery) -> _Held:
+    if not isinstance(delivery.broker_data, _Held):
+        raise BrokerError(f"delivery {delivery.tag!r} was not issued by a Redis broker")
+    return delivery.broker_data
+
+
+class RedisBroker(Broker):
+    """Queues in Redis, laid out as kombu lays them out."""
+
+    scheme = "redis"
+    supports_priority = False
+
+    def __init__(
+        self, url: str, *, visibility_timeout: float = 3600.0, **transport_options: Any
+    ) -> None:
+        super().__init__(url, visibility_timeout=visibility_timeout)
+        unknown = set(transport_options) - BROKER_OPTIONS - CONNECTION_OPTIONS - IGNORED_OPTIONS
+        if unknown:
+            logger.warning(
+                "Redis broker ignores unknown transport options: %s", ", ".join(sorted(unknown))
+            )
+        self._clients = RedisClients(url, transport_options)
+        # Simple options may also ride in the URL (redis://host/0?global_keyprefix=app:),
+        # which lets one URL name a whole isolated broker; transport options win.
+        query = self._clients.target.query
+        options = {**{k: v for k, v in query.items() if k in URL_OPTIONS}, **transport_options}
+        self._where = self._clients.target.safe_url
+        self.layout = KeyLayout(
+            prefix=str(options.get("global_keyprefix") or ""),
+            sep=str(options.get("sep", "\x06\x16")),
+            steps=tuple(int(s) for s in options.get("priority_steps", (0, 3, 6, 9))),
+            db=self._clients.db,
+            fanout_prefix=options.get("fanout_prefix", True),
+            fanout_patterns=bool(options.get("fanout_patterns", True)),
+            unacked_name=str(options.get("unacked_key", "unacked")),
+            unacked_index_name=str(options.get("unacked_index_key", "unacked_index")),
+            unacked_mutex_name=str(options.get("unacked_mutex_key", "unacked_mutex")),
+        )
+        self.scan_limit = int(options.get("scan_limit", 100))
+        self.restore_limit = int(options.get("unacked_restore_limit") or 100)
+        self.mutex_expire = int(options.get("unacked_mutex_expire", 300))
+        self.restore_interval = float(
+            options.get("restore_interval", min(10.0, max(0.05, visibility_timeout / 4)))
+        )
+        self.polling_interval = float(options.get("polling_interval", 0.25))
+        self.dead_letter_limit = int(options.get("dead_letter_limit", 10_000))
+        client = self._clients.client
+        self.client = client
+        self._scripts = {
+            name: client.register_script(getattr(scripts, name))
+            for name in (
+                "FETCH",
+                "ACK",
+                "EXTEND",
+                "DEFER",
+                "REQUEUE",
+                "DEAD_LETTER",
+                "RECORD",
+                "RESTORE_FOREIGN",
+                "PURGE",
+                "RELEASE_LOCK",
+            )
+        }
+        self.topology = RedisTopology(client, self.layout)
+        self._doorbell = Doorbell()
+        self._wake_requests = WakeRequests(self._doorbell)
+        self._listen_lock = threading.Lock()
+        self._fanout_lock = threading.Lock()
+        self._fanout_buffer: dict[str, deque[bytes]] = defaultdict(lambda: deque(maxlen=10_000))
+        self._turn = itertools.count()
+        self._next_foreign_scan = 0.0
+        self._start_process_state()
+
+    def _start_process_state(self) -> None:
+        self._pid = os.getpid()
+        self._pipe = WakePipe()
+        self._listener = ChangeListener(self._clients)
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            # A forked child must not read its parent's sockets or pipe.
+            self._start_process_state()
+
+    @contextmanager
+    def _redis(self) -> Iterator[None]:
+        with translated(BrokerUnavailable, BrokerError, self._where):
+            yield
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        with self._redis():
+            return self._scripts[name](keys=list(keys), args=list(args))
+
+    # -- topology -----------------------------------------------------------------------
+    def declare_exchange(self, exchange: Exchange) -> None:
+        with self._redis():
+            self.topology.declare_exchange(exchange)
+
+    def declare_queue(self, queue: Queue) -> None:
+        check_queue_name(queue.name)
+        with self._redis():
+            self.topology.declare_queue(queue)
+
+    def bind(self, binding: Binding) -> None:
+        check_queue_name(binding.queue)
+        with self._redis():
+            self.topology.bind(binding)
+
+    # -- producing ----------------------------------------------------------------------
+    def publish(
+        self, envelope: Envelope, *, exchange: str, routing_key: str, delay: float | None = None
+    ) -> None:
+        self.publish_many([(envelope, exchange, routing_key)], delay=delay)
+
+    def publish_many(
+        self, items: Sequence[tuple[Envelope, str, str]], *, delay: float | None = None
+    ) -> None:
+        layout = self.layout
+        with self._redis():
+            # Route everything first: an unknown exchange fails the batch before any of
+            # it is queued.
+            routed = [
+                (
+                    envelope,
+                    exchange,
+                    key,
+                    self.topology.destinations(exchange, key, envelope.headers),
+                )
+                for envelope, exchange, key in items
+            ]
+            now = time.time()
+            pipe = self.client.pipeline(transaction=True)  # all or nothing
+            touched: set[str] = set()
+            for envelope, exchange, key, route in routed:
+                step = layout.step_of(priority_of(envelope))
+                # A task's eta travels in its headers: such a message goes in the list now,
+                # so Celery workers see it too (ours defer it). Anything else waits unseen.
+                hidden = delay is not None and delay > 0 and not envelope.headers.get("eta")
+                for queue in route.queues:
+                    tag = new_delivery_tag()
+                    payload = self.topology.encode(envelope, exchange, key, tag)
+                    list_key = layout.list_key(queue, step)
+                    if hidden:
+                        assert delay is not None
+                        pipe.zadd(layout.delayed(queue), {tag: now + delay})
+                        pipe.hset(layout.delayed_messages(queue), tag, payload)
+                        pipe.hset(
+                            layout.deliveries, tag, json.dumps({"n": 0, "t": "", "q": list_key})
+                        )
+                    else:
+                        pipe.lpush(list_key, payload)
+                    touched.add(queue)
+                if route.fanout_channel is not None:
+                    payload = self.topology.encode(
+                        envelope, exchange, key, new_delivery_tag(), listed=True
+                    )
+                    pipe.publish(route.fanout_channel, payload)
+            fresh = self.topology.unknown_queues(touched)
+            if fresh:
+                pipe.sadd(layout.queues, *fresh)
+            if len(pipe):
+                pipe.execute()
+            self.topology.remember_queues(fresh)
+
+    # -- consuming ----------------------------------------------------------------------
+    def fetch(self, queues: Sequence[str], max_messages: int, timeout: float) -> list[Delivery]:
+        names = unique_queue_names(queues, max_messages)
+        self._check_pid()
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._doorbell.condition:
+            wake_mark = self._wake_requests.mark()
+        turn = next(self._turn) % len(names)
+        names = names[turn:] + names[:turn]  # round robin between fetches, as kombu
+        watched = frozenset(key.encode() for name in names for key in self.layout.list_keys(name))
+        prefixes = minimal_prefixes(self.layout.list_key(name) for name in names)
+        while True:
+            try:
+                self._restore_foreign()
+                deliveries, next_due = self._take(names, max_messages)
+            except BrokerError:
+                self._forget_listener()  # its sockets are likely as dead as this one was
+                raise
+            if deliveries:
+                self._quiet()
+                return deliveries
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []  # a poll that would not block leaves a wake for one that would
+            with self._doorbell.condition:
+                if self._wake_requests.consume(wake_mark):
+                    return []
+            if next_due is not None:
+                remaining = min(remaining, max(0.0, next_due - time.time()) + 0.001)
+            remaining = min(remaining, max(0.0, self._next_foreign_scan - time.time()))
+            self._sleep(names, watched, prefixes, remaining)
+
+    def _take(self, names: list[str], max_messages: int) -> tuple[list[Delivery], float | None]:
+        deliveries = self._take_fanout(names, max_messages)
+        room = max_messages - len(deliveries)
+        if room <= 0:
+            return deliveries, None
+        layout = self.layout
+        keys = [layout.unacked, layout.unacked_index, layout.deliveries]
+        for name in names:
+            keys += layout.queue_keys(name)
+        keys += [key for _, key in layout.fetch_order(names)]
+        now = time.time()
+        prefix = secrets.token_hex(6) + ":"
+        reply = self._run(
+            "FETCH",
+            keys,
+            [
+                repr(now),
+                repr(now + self.visibility_timeout),
+                room,
+                prefix,
+                len(names),
+                self.scan_limit,
+                self.dead_letter_limit,
+            ],
+        )
+        next_due = float(reply[0]) if reply[0] else None
+        if reply[1]:
+            logger.error(
+                "Dead-lettered %d messages from %s that are not kombu envelopes",
+                reply[1],
+                ",".join(names),
+            )
+        for index in range(2, len(reply), 5):
+            queue_index, payload, tag, count, token = reply[index : index + 5]
+            deliveries.append(
+                self._delivery(
+                    names[int(queue_index) - 1], payload, tag.decode(), int(count), token.decode()
+                )
+            )
+        return deliveries, next_due
+
+    @staticmethod
+    def _delivery(queue: str, payload: bytes, tag: str, count: int, token: str) -> Delivery:
+        stored = decode_envelope(payload)
+        return Delivery(
+            envelope=stored.envelope,
+            queue=queue,
+            tag=token,
+            exchange=stored.exchange,
+            routing_key=stored.routing_key,
+            redelivered=count > 1 or stored.redelivered,
+            delivery_count=count,
+            broker_data=_Held(tag, queue),
+        )
+
+    def _take_fanout(self, names: list[str], max_messages: int) -> list[Delivery]:
+        """Record and hand out what Celery published to fanout queues we consume."""
+        taken: list[tuple[str, bytes]] = []
+        with self._fanout_lock:
+            for name in names:
+                buffered = self._fanout_buffer.get(name)
+                while buffered and len(taken) < max_messages:
+                    taken.append((name, buffered.popleft()))
+        deliveries = []
+        layout = self.layout
+        for name, payload in taken:
+            stored = decode_envelope(payload)
+            tag, token = new_delivery_tag(), secrets.token_hex(8)
+            now = time.time()
+            step = layout.step_of(priority_of(stored.envelope))
+            count = self._run(
+                "RECORD",
+                [layout.unacked, layout.unacked_index, layout.deliveries, layout.leased(name)],
+                [
+                    tag,
+                    payload,
+                    json.dumps(stored.exchange),
+                    json.dumps(stored.routing_key),
+                    layout.list_key(name, step),
+                    repr(now),
+                    repr(now + self.visibility_timeout),
+                    token,
+                ],
+            )
+            deliveries.append(self._delivery(name, payload, tag, int(count), token))
+        return deliveries
+
+    def _sleep(
+        self, names: list[str], watched: frozenset[bytes], prefixes: tuple[str, ...], timeout: float
+    ) -> None:
+        """Wait for a change worth another look, at most ``timeout`` seconds."""
+        if not self._listen_lock.acquire(blocking=False):
+            # Another thread of this broker is listening; look again shortly.
+            self._pipe_wait(min(timeout, 0.05))
+            return
+        try:
+            listener = self._listener
+            with self._redis():
+                try:
+                    if listener.track(prefixes):
+                        return  # look once more: a push may have landed before tracking
+                    if not listener.tracking_supported:
+                        timeout = min(timeout, self.polling_interval)
+                    heard = listener.wait(timeout, watched, self._pipe)
+                except BaseException:
+                    listener.close()  # reconnected (and resubscribed) on the next call
+                    raise
+            if heard.fanout:
+                self._buffer_fanout(heard.fanout)
+        finally:
+            self._listen_lock.release()
+
+    def _collect_fanout(self, patterns: set[str], watched: frozenset[bytes]) -> None:
+        """Subscribe to the fanout channels of these queues and take in what arrived;
+        done on every fetch, so a worker that never idles still gets Celery's fanouts."""
+        if not self._listen_lock.acquire(blocking=False):
+            return
+        try:
+            listener = self._listener
+            with self._redis():
+                try:
+                    listener.subscribe_fanout(patterns)
+                    heard = listener.wait(0, watched, None)
+                except BaseException:
+                    listener.close()
+                    raise
+            if heard.fanout:
+                self._buffer_fanout(heard.fanout)
+        finally:
+            self._listen_lock.release()
+
+    def _pipe_wait(self, timeout: float) -> None:
+        import select
+
+        select.select([self._pipe.read_fd], [], [], timeout)
+
+    def _buffer_fanout(self, messages: list[tuple[bytes, bytes]]) -> None:
+        with self._fanout_lock:
+            for pattern, payload in messages:
+                for queue in self.topology.queues_for_pattern(pattern.decode()):
+                    if not self.topology.listed_copy(payload):
+                        self._fanout_buffer[queue].append(payload)
+
+    def _quiet(self) -> None:
+        """A busy fetch needs no change reports until it is idle again. Never raises: the
+        deliveries are already taken, and a broken listener is reopened when next needed."""
+        if self._listener.tracking and self._listen_lock.acquire(blocking=False):
+            try:
+                self._listener.untrack()
+            except (redis.RedisError, OSError):
+                self._listener.close()
+            finally:
+                self._listen_lock.release()
+
+    def _forget_listener(self) -> None:
+        if self._listen_lock.acquire(blocking=False):
+            try:
+                self._listener.close()
+            finally:
+                self._listen_lock.release()
+
+    # -- settling -----------------------------------------------------------------------
+    def ack(self, delivery: Delivery) -> None:
+        self.ack_many([delivery])
+
+    def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        layout = self.layout
+        keys = [layout.unacked, layout.unacked_index, layout.deliveries]
+        args: list[str] = []
+        for delivery in deliveries:
+            held = _held(delivery)
+            keys.append(layout.leased(held.queue))
+            args += [held.delivery_tag, delivery.tag]
+        self._run("ACK", keys, args)
+
+    def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
+        held, layout = _held(delivery), self.layout
+        keys = [layout.unacked, layout.unacked_index, layout.deliveries, layout.leased(held.queue)]
+        if requeue:
+            self._run("REQUEUE", keys, [held.delivery_tag, delivery.tag])
+        else:
+            self._run(
+                "DEAD_LETTER",
+                [*keys, layout.dead(held.queue)],
+                [
+                    held.delivery_tag,
+                    delivery.tag,
+                    reason,
+                    repr(time.time()),
+                    self.dead_letter_limit,
+                ],
+            )
+
+    def extend(self, deliveries: Sequence[Delivery], seconds: float | None = None) -> None:
+        if not deliveries:
+            return
+        layout = self.layout
+        keys = [layout.unacked_index, layout.deliveries]
+        now = time.time()
+        args: list[Any] = [
+            repr(now),
+            repr(now + (self.visibility_timeout if seconds is None else seconds)),
+        ]
+        for delivery in deliveries:
+            held = _held(delivery)
+            keys.append(layout.leased(held.queue))
+            args += [held.delivery_tag, delivery.tag]
+        self._run("EXTEND", keys, args)
+
+    def defer(self, delivery: Delivery, until: float) -> None:
+        held, layout = _held(delivery), self.layout
+        self._run(
+            "DEFER",
+            [
+                layout.unacked,
+                layout.unacked_index,
+                layout.deliveries,
+                layout.leased(held.queue),
+                layout.delayed(held.queue),
+                layout.delayed_messages(held.queue),
+            ],
+            [held.delivery_tag, delivery.tag, repr(until)],
+        )
+
+    # -- restoring what Celery workers left behind --------------------------------------
+    def _restore_foreign(self) -> None:
+        """kombu's rule for deliveries no Conveyor lease covers: back to their queue once
+        delivered more than ``visibility_timeout`` ago, a bounded number per scan."""
+        now = time.time()
+        if now < self._next_foreign_scan:
+            return
+        self._next_foreign_scan = now + self.restore_interval
+        layout = self.layout
+        ceiling = now - self.visibility_timeout
+        with self._redis():
+            lapsed: list[bytes] = cast(Any, self.client).zrange(
+                layout.unacked_index,
+                "-inf",
+                repr(ceiling),
+                byscore=True,
+                offset=0,
+                num=self.restore_limit,
+            )
+            if not lapsed:
+                return
+            token = secrets.token_hex(16)
+            if not self.client.set(layout.unacked_mutex, token, nx=True, ex=self.mutex_expire):
+                return  # another worker (Celery's or ours) is restoring
+            try:
+                self._restore_tags(lapsed, ceiling)
+            finally:
+                self._scripts["RELEASE_LOCK"](keys=[layout.unacked_mutex], args=[token])
+
+    def _restore_tags(self, tags: list[bytes], ceiling: float) -> None:
+        import hashlib
+
+        layout = self.layout
+        entries = [
+            None if e is None else as_bytes(e) for e in self.client.hmget(layout.unacked, tags)
+        ]
+        records = self.client.hmget(layout.deliveries, tags)
+        for tag, entry, record in zip(tags, entries, records, strict=True):
+            if record is not None and json.loads(record).get("t"):
+                continue  # a Conveyor lease: restored by its own expiry, in fetch
+            keys = [layout.unacked, layout.unacked_index, layout.deliveries]
+            if entry is None:
+                self._scripts["RESTORE_FOREIGN"](keys=[*keys, ""], args=[tag, "", 0, ""])
+                continue
+            try:
+                restored = self.topology.restore_plan(entry)
+            except (ValueError, TypeError, BrokerError) as exc:
+                logger.error("Cannot restore delivery %r: %s", tag, exc)
+                continue
+            if restored is None:
+                continue
+            payload, list_keys = restored
+            for list_key in list_keys:
+                self._scripts["RESTORE_FOREIGN"](
+                    keys=[*keys, list_key],
+                    args=[tag, hashlib.sha1(entry).hexdigest(), repr(ceiling), payload],
+                )
+
+    # -- administration -----------------------------------------------------------------
+    def purge(self, queue: str) -> int:
+        layout = self.layout
+        purged = self._run(
+            "PURGE",
+            [
+                layout.deliveries,
+                layout.delayed(queue),
+                layout.delayed_messages(queue),
+                *layout.list_keys(queue),
+            ],
+            [],
+        )
+        return int(purged)
+
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        layout = self.layout
+        with self._redis():
+            if queues is None:
+                names = sorted(as_text(m) for m in self.client.smembers(layout.queues))
+            else:
+                names = list(queues)
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                for key in layout.list_keys(name):
+                    pipe.llen(key)
+                pipe.zcard(layout.delayed(name))
+                pipe.zcard(layout.leased(name))
+                pipe.llen(layout.dead(name))
+            counts = pipe.execute()
+        steps, result = len(layout.steps), []
+        for index, name in enumerate(names):
+            row = counts[index * (steps + 3) : (index + 1) * (steps + 3)]
+            result.append(QueueStats(name, sum(row[:steps]), *row[steps:]))
+        return result
+
+    def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` kept dead letters of ``queue`` (newest are kept when the
+        ``dead_letter_limit`` cap is reached)."""
+        with self._redis():
+            raw = self.client.lrange(self.layout.dead(queue), -limit, -1)
+        letters = []
+        for item in reversed(raw):
+            record = json.loads(as_bytes(item).decode("utf-8", "replace"))
+            stored = decode_envelope(
+                str(record.get("payload", "")).encode("utf-8", "surrogateescape")
+            )
+            letters.append(
+                DeadLetter(
+                    stored.envelope,
+                    queue,
+                    stored.exchange,
+                    stored.routing_key,
+                    int(record.get("delivery_count", 1)),
+                    str(record.get("reason", "")),
+                    float(record.get("dead_at", 0.0)),
+                )
+            )
+        return letters
+
+    def check(self) -> None:
+        try:
+            with self._redis():
+                self.client.ping()
+        except BrokerError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    def wake(self) -> None:
+        self._wake_requests.request()
+        self._pipe.ring()
+
+    def close(self) -> None:
+        """Close every connection; the object stays usable (it reconnects on use)."""
+        self.wake()
+        if self._pid == os.getpid():
+            with self._listen_lock:
+                self._listener.close()
+        with suppress(redis.RedisError):
+            self._clients.close()
+
+    def __del__(self) -> None:
+        pipe = getattr(self, "_pipe", None)
+        if pipe is not None and getattr(self, "_pid", None) == os.getpid():
+            pipe.close()

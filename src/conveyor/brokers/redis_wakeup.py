@@ -1,0 +1,221 @@
+"""How an idle Redis fetch learns, without polling, that it should look again.
+
+Redis can block a client on several lists only by popping from them (BRPOP, BLMPOP),
+and a message popped into a client that dies before recording it is lost. So the fetch
+never blocks inside Redis: it takes messages with a Lua script that pops and records in
+one step, and while there is nothing to take it sleeps on a pub/sub connection that
+Redis's *client-side caching* invalidations wake:
+
+* a second connection runs ``CLIENT TRACKING ON REDIRECT <listener> BCAST PREFIX <queue>``
+  while the fetch is idle, so Redis sends the listener the name of every key under those
+  prefixes that anyone changes: an LPUSH by a Celery producer as much as by ours. It is
+  standard Redis (6.0+), needs no server configuration, and pops nothing;
+* the listener also receives fanout messages (PSUBSCRIBE, kombu's channels);
+* ``wake()`` writes to a pipe the listener's ``select`` also watches, so it works from a
+  signal handler and while Redis is down.
+
+Tracking is switched off when a fetch returns messages, so a busy worker is not sent a
+notice per push it would only read later. A server that refuses ``CLIENT TRACKING`` (some
+hosted Redis disable ``CLIENT``) is polled every ``polling_interval`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import redis
+from conveyor.redis_connection import RawConnection, RedisClients
+
+logger = logging.getLogger("conveyor.brokers.redis")
+
+INVALIDATE_CHANNEL = b"__redis__:invalidate"
+
+
+def minimal_prefixes(names: Iterable[str]) -> tuple[str, ...]:
+    """Drop every name that another name is a prefix of: Redis refuses overlapping
+    tracking prefixes, and the shorter one already covers the longer."""
+    kept: list[str] = []
+    for name in sorted(set(names)):
+        if not any(name.startswith(shorter) for shorter in kept):
+            kept.append(name)
+    return tuple(kept)
+
+
+@dataclass
+class Heard:
+    """What the listener heard while waiting."""
+
+    woken: bool = False
+    changed: bool = False
+    fanout: list[tuple[bytes, bytes]] = field(default_factory=list)  # (pattern, payload)
+
+
+class WakePipe:
+    """A self-pipe: ``wake()`` may be called from any thread or a signal handler."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def ring(self) -> None:
+        # A full pipe already holds a pending wake; a closed one means shutting down.
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self.write_fd, b"!")
+
+    def drain(self) -> bool:
+        rang = False
+        try:
+            while os.read(self.read_fd, 512):
+                rang = True
+        except (BlockingIOError, OSError):
+            pass
+        return rang
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class ChangeListener:
+    """The listener and tracker connections of one broker; one fetch thread at a time."""
+
+    def __init__(self, clients: RedisClients) -> None:
+        self._clients = clients
+        self._listener: RawConnection | None = None
+        self._tracker: RawConnection | None = None
+        self._patterns: set[str] = set()
+        self._tracked: tuple[str, ...] | None = None
+        self._tracker_replies = 0
+        self._listener_id = 0
+        self.tracking_supported = True
+
+    # -- connections -----------------------------------------------------------------
+    def _open(self) -> RawConnection:
+        if self._listener is not None:
+            return self._listener
+        listener = self._clients.dedicated()
+        try:
+            listener.send_command("CLIENT", "ID", check_health=False)
+            self._listener_id = int(listener.read_response())
+            listener.send_command("SUBSCRIBE", INVALIDATE_CHANNEL, check_health=False)
+            listener.read_response()
+        except BaseException:
+            self._clients.give_back(listener)
+            raise
+        self._listener = listener
+        self._patterns = set()
+        self._tracked = None
+        return listener
+
+    def _tracker_connection(self) -> RawConnection:
+        if self._tracker is None:
+            self._tracker = self._clients.dedicated()
+            self._tracker_replies = 0
+        tracker = self._tracker
+        while self._tracker_replies:  # replies of commands sent without waiting
+            self._tracker_replies -= 1
+            tracker.read_response()
+        return tracker
+
+    def close(self) -> None:
+        for connection in (self._listener, self._tracker):
+            if connection is not None:
+                with contextlib.suppress(redis.RedisError):
+                    self._clients.give_back(connection)
+        self._listener = self._tracker = None
+        self._tracked = None
+        self._patterns = set()
+
+    # -- what to listen to ---------------------------------------------------------------
+    def subscribe_fanout(self, patterns: Iterable[str]) -> None:
+        listener = self._open()
+        new = sorted(set(patterns) - self._patterns)
+        if new:
+            # The confirmations are read (and skipped) with the messages.
+            listener.send_command("PSUBSCRIBE", *new, check_health=False)
+            self._patterns.update(new)
+
+    def track(self, prefixes: tuple[str, ...]) -> bool:
+        """Make sure Redis reports changes under ``prefixes``; True if this call turned
+        tracking on (the caller then looks once more before sleeping)."""
+        if not self.tracking_supported or self._tracked == prefixes:
+            return False
+        self._open()
+        listener_id = self._listener_id
+        tracker = self._tracker_connection()
+        try:
+            if self._tracked is not None:
+                tracker.send_command("CLIENT", "TRACKING", "OFF", check_health=False)
+                tracker.read_response()
+            args: list[object] = ["CLIENT", "TRACKING", "ON", "REDIRECT", listener_id, "BCAST"]
+            for prefix in prefixes:
+                args += ["PREFIX", prefix]
+            tracker.send_command(*args, check_health=False)
+            tracker.read_response()
+        except redis.ResponseError as exc:
+            self.tracking_supported = False
+            logger.warning(
+                "Redis refused CLIENT TRACKING (%s): idle fetches will poll "
+                "instead of being woken by pushes",
+                exc,
+            )
+            return False
+        self._tracked = prefixes
+        return True
+
+    def untrack(self) -> None:
+        """Stop change reports (the fetch is busy). The reply is read later, so this
+        costs the fetch no round trip."""
+        if self._tracked is None or self._tracker is None:
+            return
+        self._tracker.send_command("CLIENT", "TRACKING", "OFF", check_health=False)
+        self._tracker_replies += 1
+        self._tracked = None
+
+    @property
+    def tracking(self) -> bool:
+        return self._tracked is not None
+
+    # -- waiting ---------------------------------------------------------------------
+    def wait(self, timeout: float, watched: frozenset[bytes], pipe: WakePipe | None) -> Heard:
+        """Sleep until a watched key changes, a fanout message or a wake arrives, or
+        ``timeout`` passes. ``timeout=0`` only collects what already arrived; without a
+        ``pipe``, wakes are left for the next wait that has one."""
+        listener = self._open()
+        heard = Heard()
+        wait_for = max(0.0, timeout)
+        while True:
+            while listener.can_read(0):
+                self._hear(listener.read_response(), watched, heard)
+            if pipe is not None and pipe.drain():
+                heard.woken = True
+            if heard.woken or heard.changed or heard.fanout or wait_for <= 0:
+                return heard
+            sock = getattr(listener, "_sock", None)
+            if sock is None:
+                raise redis.ConnectionError("the listener connection is closed")
+            watching = [sock] if pipe is None else [sock, pipe.read_fd]
+            readable, _, _ = select.select(watching, [], [], wait_for)
+            wait_for = 0.0  # after one sleep, only collect what woke us
+            if not readable:
+                return heard
+
+    @staticmethod
+    def _hear(message: object, watched: frozenset[bytes], heard: Heard) -> None:
+        if not isinstance(message, list) or not message:
+            return
+        kind = message[0]
+        if kind == b"message" and len(message) == 3 and message[1] == INVALIDATE_CHANNEL:
+            keys = message[2]
+            # None: the whole database was flushed.
+            if keys is None or any(key in watched for key in keys):
+                heard.changed = True
+        elif kind == b"pmessage" and len(message) == 4:
+            heard.fanout.append((message[1], message[3]))
