@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.redis.scratch import contract_broker as redis_contract_broker
 
 from conveyor.brokers.base import Broker, QueueStats
 from conveyor.brokers.memory import MemoryBroker
@@ -37,6 +38,7 @@ FACTORIES: dict[str, Factory] = {
     "sqlite": lambda tmp_path, lease: SqliteBroker(
         f"sqlite:///{tmp_path}/broker.db", visibility_timeout=lease
     ),
+    "redis": lambda tmp_path, lease: redis_contract_broker(tmp_path, lease),
 }
 
 LEASE = 0.3
@@ -171,6 +173,8 @@ def test_higher_priority_is_served_first_then_fifo(broker: Broker) -> None:
 
 
 def test_fetch_from_several_queues_orders_by_priority_then_age(broker: Broker) -> None:
+    if not broker.supports_priority:
+        pytest.skip("broker without priorities")
     for body, queue, priority in [("a0", "a", 0), ("b0", "b", 0), ("a5", "a", 5),
                                   ("b5", "b", 5), ("a1", "a", 0)]:  # fmt: skip
         broker.publish(envelope(body, priority=priority), exchange="", routing_key=queue)
