@@ -76,6 +76,13 @@ def memcached_factory(request: pytest.FixtureRequest) -> MakeBackend:
     return lambda **options: MemcachedBackend(url, **{"expires": 300, **options})
 
 
+def redis_factory(request: pytest.FixtureRequest) -> MakeBackend:
+    from tests.redis.scratch import contract_backend
+
+    # Its own key prefix in the test database, deleted when the backends close.
+    return contract_backend(request.getfixturevalue("redis_service"))
+
+
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest], MakeBackend]] = {
     "memory": memory_factory,
     "sqlite": sqlite_factory,
@@ -83,6 +90,7 @@ FACTORIES: dict[str, Callable[[pytest.FixtureRequest], MakeBackend]] = {
     "mysql": sql_factory("mysql"),
     "sqlite-sql": sql_factory("sqlite"),
     "memcached": memcached_factory,
+    "redis": redis_factory,
 }
 
 
