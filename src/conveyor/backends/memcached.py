@@ -111,9 +111,10 @@ def with_global_prefix(prefix: str | None, key: str) -> str:
 def _load_untyped(payload: bytes, serializer: str, accept: frozenset[str]) -> Any:
     """Decode a value stored without its content type, as Celery's cache backend stores.
 
-    Celery decodes with its configured serializer, and so does Conveyor; bytes that fail
-    to and carry pickle's marker are read as pickle (then refused unless it is accepted),
-    and a reader configured for pickle reads unmarked bytes as JSON, Celery's default.
+    Celery decodes with its configured serializer, and so does Conveyor. Bytes that
+    serializer cannot read but that carry pickle's marker are read as pickle (and refused
+    unless pickle is accepted); a reader configured for pickle reads unmarked bytes as
+    JSON, Celery's default.
     """
     pickled = payload[:1] == _PICKLE_MARK
     name = serializer

@@ -10,7 +10,8 @@ Conveyor stored and the other way round. Transport options, named as Celery's se
 ``database_table_names`` / ``database_table_schemas`` (``{"task": ..., "group": ...}``,
 plus Conveyor's ``"counter"``), ``database_engine_options`` (passed to
 ``create_engine``; pooling defaults to Celery's ``pool_pre_ping`` and ``pool_recycle``),
-and ``listen`` (PostgreSQL NOTIFY, default on).
+and ``listen`` (PostgreSQL LISTEN/NOTIFY, default on; off, stores send no NOTIFY and
+waiters poll).
 
 Expiry: a row Conveyor writes expires ``result_expires`` after the write (``expires_at``);
 ``get`` reads an expired row as missing, as every Conveyor backend does, and ``cleanup``
@@ -117,9 +118,10 @@ def _fetch_all(query: sa.Select[Any], connection: Connection) -> list[sa.Row[Any
 def _load_untyped(payload: bytes, serializer: str, accept: frozenset[str]) -> Any:
     """Decode a value stored without its content type, as Celery's database backend stores.
 
-    Celery decodes with its configured serializer, and so does Conveyor; bytes that fail
-    to and carry pickle's marker are read as pickle (then refused unless it is accepted),
-    and a reader configured for pickle reads unmarked bytes as JSON, Celery's default.
+    Celery decodes with its configured serializer, and so does Conveyor. Bytes that
+    serializer cannot read but that carry pickle's marker are read as pickle (and refused
+    unless pickle is accepted); a reader configured for pickle reads unmarked bytes as
+    JSON, Celery's default.
     """
     pickled = payload[:1] == _PICKLE_MARK
     name = serializer
@@ -175,9 +177,10 @@ class SqlBackend(ResultBackend):
                 f"{task.schema}.{task.name}".encode(), usedforsecurity=False
             ).hexdigest()[:20]
         )
+        self._notify = listen and self._postgresql
         # The listener speaks psycopg 3 (its notifies() and socket); other drivers poll.
-        notifies = self._postgresql and self._engine.dialect.driver == "psycopg"
-        self._listener = Listener(self._engine, self._channel) if listen and notifies else None
+        psycopg = self._engine.dialect.driver == "psycopg"
+        self._listener = Listener(self._engine, self._channel) if self._notify and psycopg else None
         _LIVE.add(self)
 
     def _create_engine(self, options: dict[str, Any]) -> Engine:
@@ -305,7 +308,7 @@ class SqlBackend(ResultBackend):
             where=self._replaceable(now),
         )
         connection.execute(insert)
-        if self._listener is not None and row["status"] in states.READY_STATES:
+        if self._notify and row["status"] in states.READY_STATES:
             # Delivered at commit, with the row; never before it.
             connection.execute(sa.select(sa.func.pg_notify(self._channel, row["task_id"])))
 
