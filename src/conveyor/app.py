@@ -150,6 +150,7 @@ class Conveyor:
                         accept=conf.effective_result_accept,
                         expires=conf.result_expires,
                         transport_options=conf.result_backend_transport_options,
+                        broker_url=conf.broker_url,
                     )
         return self._backend
 

@@ -22,6 +22,7 @@ from conveyor.request import request_context
 from conveyor.retry_policy import backoff_countdown
 
 if TYPE_CHECKING:
+    from conveyor.backends.base import ResultBackend
     from conveyor.request import Request
     from conveyor.task import BaseTask
 
@@ -162,15 +163,23 @@ def record(task: BaseTask[Any, Any], request: Request, outcome: Outcome) -> Outc
     meta = build_meta(request.id, state, stored_value(outcome), traceback=outcome.traceback,
                       request=request.as_meta_source(), extended=task.app.conf.result_extended)
     try:
-        backend.store(request.id, meta)
+        _store(backend, request, meta)
     except EncodeError as exc:
         logger.error("Task %s[%s] result could not be stored: %s", task.name, request.id, exc)
         failure = Outcome(states.FAILURE, EncodeError(
             f"result of {task.name} could not be serialized: {exc}"), None, runtime=outcome.runtime)
-        backend.store(request.id, build_meta(
+        _store(backend, request, build_meta(
             request.id, states.FAILURE, failure.value, request=request.as_meta_source()))
         return failure
     return outcome
+
+
+def _store(backend: ResultBackend, request: Request, meta: dict[str, Any]) -> None:
+    # In the request's context: a backend that answers the caller directly (rpc://)
+    # reads the message's reply_to and correlation_id there.
+    assert request.id is not None
+    with request_context(request):
+        backend.store(request.id, meta)
 
 
 def store_retry(task: BaseTask[Any, Any], request: Request, signal: Retry) -> bool:
@@ -192,6 +201,6 @@ def mark_started(task: BaseTask[Any, Any], request: Request, pid: int) -> None:
         return
     if not should_store(task, request, states.STARTED):
         return
-    backend.store(request.id, build_meta(
+    _store(backend, request, build_meta(
         request.id, states.STARTED, {"pid": pid, "hostname": request.hostname},
         request=request.as_meta_source()))

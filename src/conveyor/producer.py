@@ -90,11 +90,17 @@ class Producer:
             args=list(args or ()),
             kwargs=dict(kwargs or {}),
             embed=embed,
-            reply_to=options.get("reply_to") or "",
+            reply_to=options.get("reply_to") or self._reply_to(),
             correlation_id=task_id,
             priority=options.get("priority", conf.task_default_priority),
             delivery_mode=1 if delivery_mode in (1, "transient") else 2,
         )
+
+    def _reply_to(self) -> str:
+        # The rpc:// backend gets results on a queue of this process, named on every send.
+        if not str(self.app.conf.result_backend or "").startswith("rpc://"):
+            return ""
+        return str(getattr(self.app.backend, "reply_to", "") or "")
 
     def publish(self, message: TaskMessage, target: Target, options: Mapping[str, Any]) -> None:
         conf = self.app.conf

@@ -34,8 +34,13 @@ def backend_from_url(
     accept: Iterable[str] = ("json",),
     expires: float | None = 86400.0,
     transport_options: Mapping[str, Any] | None = None,
+    broker_url: str | None = None,
 ) -> ResultBackend:
-    cls = load_class(BACKEND_SCHEMES, scheme_of(url), "result backend")
+    scheme = scheme_of(url)
+    cls = load_class(BACKEND_SCHEMES, scheme, "result backend")
+    options = dict(transport_options or {})
+    if scheme == "rpc":
+        options["broker_url"] = broker_url  # rpc:// results travel through the broker
     backend: ResultBackend = cls(url, serializer=serializer, accept=accept, expires=expires,
-                                 **dict(transport_options or {}))
+                                 **options)
     return backend

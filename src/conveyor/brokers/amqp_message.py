@@ -1,0 +1,154 @@
+"""Envelopes to AMQP messages and back, as py-amqp (and so Celery) writes them.
+
+Headers keep their types on the wire (py-amqp: str ``S``, bool ``t``, int ``I``/``L``,
+float ``d``, None ``V``, dict ``F``, list ``A``), so a Celery peer reads exactly what a
+Celery producer would have written. All headers of a message travel in one content-header
+frame: headers bigger than RabbitMQ's ``frame_max`` would make it close the connection
+(``FRAME_ERROR``), so such a message is refused here, before it is sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import amqp  # type: ignore[import-untyped]
+from conveyor.brokers.amqp_delay import strip_chain_headers
+from conveyor.envelope import Envelope
+from conveyor.errors import EncodeError
+
+PROPERTY_NAMES = frozenset({
+    "correlation_id", "reply_to", "delivery_mode", "priority", "expiration", "message_id",
+    "timestamp", "type", "user_id", "app_id", "cluster_id",
+})
+"""The AMQP basic properties; other keys of ``Envelope.properties`` (what other brokers
+keep there) are not sent."""
+
+PERSISTENT = 2
+FRAME_OVERHEAD = 1024
+_INT64 = 2**63
+
+
+def build_message(envelope: Envelope, *, frame_max: int,
+                  extra_headers: Mapping[str, Any] | None = None) -> tuple[Any, int]:
+    """The py-amqp message for an envelope, and the bytes it will take in the outbox."""
+    headers = dict(envelope.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    properties: dict[str, Any] = {
+        key: value for key, value in envelope.properties.items()
+        if key in PROPERTY_NAMES and value is not None
+    }
+    properties.setdefault("delivery_mode", PERSISTENT)
+    if "expiration" in properties:
+        properties["expiration"] = str(properties["expiration"])
+    estimate = _estimate(headers, "headers")
+    message = amqp.Message(
+        envelope.body,
+        content_type=envelope.content_type,
+        content_encoding=envelope.content_encoding,
+        application_headers=headers,
+        **properties,
+    )
+    if estimate * 4 > frame_max // 2:
+        _check_frame(message, frame_max)
+    return message, len(envelope.body) + estimate + 64
+
+
+def envelope_of(message: Any, chain_prefixes: tuple[str, ...]) -> Envelope:
+    """The envelope of a received message (the delay chain's bookkeeping removed)."""
+    properties = dict(message.properties)
+    content_type = properties.pop("content_type", None) or ""
+    content_encoding = properties.pop("content_encoding", None) or ""
+    headers = properties.pop("application_headers", None) or {}
+    if not isinstance(headers, dict):
+        headers = {}
+    if "x-death" in headers or "x-first-death-queue" in headers:
+        strip_chain_headers(headers, chain_prefixes)
+    body = message.body
+    if isinstance(body, str):  # never with our channels (auto_decode off); be safe
+        body = body.encode(content_encoding or "utf-8")
+    return Envelope(
+        bytes(body),
+        str(content_type),
+        str(content_encoding),
+        headers,
+        {key: value for key, value in properties.items() if value is not None},
+    )
+
+
+def _check_frame(message: Any, frame_max: int) -> None:
+    try:
+        size = len(message._serialize_properties())
+    except Exception as exc:  # py-amqp raises several types for bad values
+        raise EncodeError(f"message headers cannot be sent over AMQP: {exc}") from exc
+    if size + FRAME_OVERHEAD > frame_max:
+        raise EncodeError(
+            f"message headers take {size} bytes, more than RabbitMQ's frame_max "
+            f"({frame_max}): keep header values (argsrepr, kwargsrepr) short")
+
+
+def _estimate(value: Any, where: str, depth: int = 0) -> int:
+    """An upper bound of a value's encoded size in characters; raises for unsendable types."""
+    if depth > 32:
+        raise EncodeError(f"{where} nest too deeply to be sent over AMQP")
+    if value is None or isinstance(value, (bool, float, decimal.Decimal)):
+        return 10
+    if isinstance(value, int):
+        if not -_INT64 <= value < _INT64:
+            raise EncodeError(f"{where}: {value} does not fit in a 64-bit AMQP integer")
+        return 10
+    if isinstance(value, str):
+        return len(value) + 6
+    if isinstance(value, (bytes, bytearray)):
+        return len(value) // 4 + 6  # *4 below: count bytes once
+    if isinstance(value, datetime.datetime):
+        return 10
+    if isinstance(value, Mapping):
+        return 6 + sum(len(str(key)) + 2 + _estimate(item, f"{where}[{key!r}]", depth + 1)
+                       for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return 6 + sum(_estimate(item, where, depth + 1) for item in value)
+    raise EncodeError(
+        f"{where}: a {type(value).__name__} cannot be sent as an AMQP header value")
+
+
+class _ReplyAddresses:
+    """Where the result of each task received here goes (``reply_to``, ``correlation_id``).
+
+    The worker stores some states outside the task's run (refused, expired, lost worker):
+    the rpc:// backend finds the caller's queue here, from the delivery the broker saw.
+    Bounded: only recent deliveries are remembered.
+    """
+
+    def __init__(self, size: int = 20_000) -> None:
+        self._addresses: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def remember(self, envelope: Envelope) -> None:
+        reply_to = envelope.properties.get("reply_to")
+        task_id = envelope.headers.get("id")
+        if not reply_to or not isinstance(task_id, str):
+            return
+        correlation_id = str(envelope.properties.get("correlation_id") or task_id)
+        with self._lock:
+            self._addresses[task_id] = (str(reply_to), correlation_id)
+            self._addresses.move_to_end(task_id)
+            if len(self._addresses) > self._size:
+                self._addresses.popitem(last=False)
+
+    def get(self, task_id: str) -> tuple[str, str] | None:
+        with self._lock:
+            return self._addresses.get(task_id)
+
+
+REPLY_ADDRESSES = _ReplyAddresses()
+
+
+def reply_address(task_id: str) -> tuple[str, str] | None:
+    return REPLY_ADDRESSES.get(task_id)
