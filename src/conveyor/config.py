@@ -36,6 +36,9 @@ class Settings:
     broker_connection_retry: bool = True
     broker_connection_max_retries: int | None = 100
     broker_connection_timeout: float = 4.0
+    task_publish_retry: bool = True
+    task_publish_retry_policy: Mapping[str, Any] = field(default_factory=lambda: {
+        "max_retries": 3, "interval_start": 0.0, "interval_step": 0.2, "interval_max": 0.2})
     # serialization
     task_serializer: str = "json"
     result_serializer: str = "json"
@@ -72,6 +75,10 @@ class Settings:
     result_expires: float | None = 86400.0
     result_extended: bool = False
     result_backend_transport_options: Mapping[str, Any] = field(default_factory=dict)
+    result_backend_always_retry: bool = True
+    result_backend_max_retries: int = 10
+    result_backend_base_sleep_between_retries_ms: int = 10
+    result_backend_max_sleep_between_retries_ms: int = 10000
     # worker
     worker_concurrency: int | None = None
     worker_prefetch_multiplier: int = 4

@@ -11,18 +11,19 @@ import logging
 import threading
 import time
 import traceback as tb
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from conveyor import states
 from conveyor.backends.meta import build_meta
-from conveyor.errors import EncodeError, Ignore, Reject, Retry
+from conveyor.errors import BackendUnavailable, EncodeError, Ignore, Reject, Retry
+from conveyor.outages import call_with_retry
 from conveyor.request import request_context
 from conveyor.retry_policy import backoff_countdown
 
 if TYPE_CHECKING:
-    from conveyor.backends.base import ResultBackend
+    from conveyor.app import Conveyor
     from conveyor.request import Request
     from conveyor.task import BaseTask
 
@@ -136,6 +137,24 @@ def classify_error(task: BaseTask[Any, Any], request: Request, exc: Exception) -
         states.FAILURE, exc, format_traceback(exc))
 
 
+def store_meta(app: Conveyor, task_id: str, meta: Mapping[str, Any]) -> None:
+    """Store a result document, riding out a short backend outage (retry with backoff,
+    logged); raises the backend's error once the retries are spent."""
+    backend = app.backend
+    if backend is None:
+        return
+    conf = app.conf
+    if not conf.result_backend_always_retry:
+        backend.store(task_id, meta)
+        return
+    call_with_retry(
+        lambda: backend.store(task_id, meta), retry_on=(BackendUnavailable,),
+        max_retries=conf.result_backend_max_retries,
+        first_delay=conf.result_backend_base_sleep_between_retries_ms / 1000,
+        max_delay=conf.result_backend_max_sleep_between_retries_ms / 1000,
+        what=f"Storing the state of {task_id}", logger=logger)
+
+
 def stored_value(outcome: Outcome) -> Any:
     if outcome.state == states.RETRY and isinstance(outcome.value, Retry):
         return outcome.value.exc if outcome.value.exc is not None else outcome.value
@@ -163,23 +182,23 @@ def record(task: BaseTask[Any, Any], request: Request, outcome: Outcome) -> Outc
     meta = build_meta(request.id, state, stored_value(outcome), traceback=outcome.traceback,
                       request=request.as_meta_source(), extended=task.app.conf.result_extended)
     try:
-        _store(backend, request, meta)
+        _store(task, request, meta)
     except EncodeError as exc:
         logger.error("Task %s[%s] result could not be stored: %s", task.name, request.id, exc)
         failure = Outcome(states.FAILURE, EncodeError(
             f"result of {task.name} could not be serialized: {exc}"), None, runtime=outcome.runtime)
-        _store(backend, request, build_meta(
+        _store(task, request, build_meta(
             request.id, states.FAILURE, failure.value, request=request.as_meta_source()))
         return failure
     return outcome
 
 
-def _store(backend: ResultBackend, request: Request, meta: dict[str, Any]) -> None:
+def _store(task: BaseTask[Any, Any], request: Request, meta: dict[str, Any]) -> None:
     # In the request's context: a backend that answers the caller directly (rpc://)
     # reads the message's reply_to and correlation_id there.
     assert request.id is not None
     with request_context(request):
-        backend.store(request.id, meta)
+        store_meta(task.app, request.id, meta)
 
 
 def store_retry(task: BaseTask[Any, Any], request: Request, signal: Retry) -> bool:
@@ -189,7 +208,7 @@ def store_retry(task: BaseTask[Any, Any], request: Request, signal: Retry) -> bo
         return False
     cause = signal.exc if signal.exc is not None else signal
     traceback = "".join(tb.format_exception(cause)) if cause.__traceback__ else None
-    backend.store(request.id, build_meta(
+    _store(task, request, build_meta(
         request.id, states.RETRY, cause, traceback=traceback,
         request=request.as_meta_source(), extended=task.app.conf.result_extended))
     return True
@@ -201,6 +220,6 @@ def mark_started(task: BaseTask[Any, Any], request: Request, pid: int) -> None:
         return
     if not should_store(task, request, states.STARTED):
         return
-    _store(backend, request, build_meta(
+    _store(task, request, build_meta(
         request.id, states.STARTED, {"pid": pid, "hostname": request.hostname},
         request=request.as_meta_source()))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from conveyor import protocol
+from conveyor.errors import BrokerUnavailable
+from conveyor.outages import call_with_retry
 from conveyor.protocol import Embed, TaskHeaders, TaskMessage
 from conveyor.request import current_request
 from conveyor.router import Target
@@ -16,6 +19,8 @@ from conveyor.task import as_datetime
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
     from conveyor.brokers.base import Broker
+
+logger = logging.getLogger("conveyor.producer")
 
 
 class Producer:
@@ -115,8 +120,21 @@ class Producer:
         if message.headers.eta is not None:
             delay = (message.headers.eta - datetime.now(UTC)).total_seconds()
             delay = delay if delay > 0 else None
-        broker.publish(envelope, exchange=target.exchange, routing_key=target.routing_key,
-                       delay=delay)
+        def send() -> None:
+            broker.publish(envelope, exchange=target.exchange,
+                           routing_key=target.routing_key, delay=delay)
+
+        if not conf.task_publish_retry:
+            send()
+            return
+        policy = conf.task_publish_retry_policy
+        call_with_retry(
+            send, retry_on=(BrokerUnavailable,),
+            max_retries=int(policy.get("max_retries", 3)),
+            first_delay=float(policy.get("interval_start", 0.0)) or float(
+                policy.get("interval_step", 0.2)),
+            max_delay=float(policy.get("interval_max", 0.2)),
+            what=f"Publishing {message.task}[{message.id}]", logger=logger)
 
 
 def _signatures(value: Any) -> list[dict[str, Any]] | None:

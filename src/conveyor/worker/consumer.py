@@ -234,6 +234,9 @@ class Consumer:
         if result.invalid:
             self._end(delivery, "dead-letter", result.reason)
             return
+        if "unstored" in result.extra:
+            self._end(delivery, "requeue", "its result could not be stored")
+            return
         if result.state == states.REJECTED:
             self._end(delivery, "requeue" if result.requeue else "dead-letter",
                       "task raised Reject")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import protocol, serialization, states
 from conveyor.backends.meta import build_meta
-from conveyor.errors import MessageError, SerializationError
+from conveyor.errors import BackendError, MessageError, SerializationError
 from conveyor.execution import LoopRunner, Outcome, aexecute, execute, mark_started, record
 from conveyor.request import Request
 from conveyor.worker.job import Job, JobResult
@@ -71,7 +71,15 @@ def prepare(app: Conveyor, job: Job) -> Prepared | JobResult:
 
 def finish(app: Conveyor, job: Job, prepared: Prepared, outcome: Outcome) -> JobResult:
     """Store the outcome, set the workflow in motion, log; the result for the worker."""
-    outcome = record(prepared.task, prepared.request, outcome)
+    try:
+        outcome = record(prepared.task, prepared.request, outcome)
+    except BackendError as exc:
+        # The retries are spent. A late-ack message goes back to run again later, so the
+        # result is not lost; an early-ack one was already acknowledged.
+        logger.error("Task %s[%s] ended %s but its state could not be stored: %s",
+                     job.task_name, job.task_id, outcome.state, exc)
+        return JobResult(job.seq, outcome.state, runtime=outcome.runtime,
+                         extra={"unstored": str(exc)})
     after_task(app, prepared.request, outcome)
     if outcome.state == states.SUCCESS:
         logger.info("Task %s[%s] succeeded in %.4fs", job.task_name, job.task_id,

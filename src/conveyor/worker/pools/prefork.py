@@ -84,6 +84,10 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None,
                 signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
             try:
                 result = run_job(app, job, loops)
+            except Exception as exc:  # report it; a child never dies of a job's trouble
+                logging.getLogger("conveyor.worker").exception(
+                    "Job %s[%s] failed in the pool", job.task_name, job.task_id)
+                result = JobResult(job.seq, states.FAILURE, reason=repr(exc))
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             done += 1
