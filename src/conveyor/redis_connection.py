@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -171,7 +171,9 @@ def _parse_sentinel(url: str) -> RedisTarget:
             port = parts.port or DEFAULT_SENTINEL_PORT
         except ValueError as exc:
             raise ConfigurationError(f"bad port in {redact_url(url)!r}: {exc}") from None
-        sentinels.append((parts.hostname or "localhost", port))
+        if not parts.hostname:
+            raise ConfigurationError(f"{redact_url(url)!r}: a Sentinel needs a host")
+        sentinels.append((parts.hostname, port))
         if parts.password is not None and password is None:
             password = unquote(parts.password)
             username = unquote(parts.username) if parts.username else None
@@ -263,6 +265,7 @@ def connection_kwargs(target: RedisTarget, options: Mapping[str, Any]) -> dict[s
         kwargs["password"] = password
     if target.socket_path is not None:
         kwargs["path"] = target.socket_path
+        kwargs.pop("socket_keepalive")  # a TCP option
     else:
         kwargs["host"], kwargs["port"] = target.host, target.port
     if target.tls or (target.sentinels and _flag(merged.get("ssl", False))):
@@ -293,6 +296,8 @@ class RedisClients:
                 "protocol": 2,
                 "socket_timeout": kwargs["socket_timeout"],
                 "socket_connect_timeout": kwargs["socket_connect_timeout"],
+                # A Sentinel that is down is skipped for the next one, not retried.
+                "retry": Retry(NoBackoff(), 0),
                 **dict(options.get("sentinel_kwargs") or {}),
             }
             kwargs.pop("host", None)

@@ -161,12 +161,14 @@ def free_port() -> int:
 
 class PrivateRedis:
     """A redis-server of this test alone, on a free port, that the test may kill and
-    restart. It appends every write to a file, so a restart keeps what was queued."""
+    restart. It appends every write to a file, so a restart keeps what was queued.
+    ``extra`` adds server options (TLS, a Unix socket, renamed commands...)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *extra: str, port: int | None = None) -> None:
         self.directory = directory
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra = list(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -175,40 +177,52 @@ class PrivateRedis:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
-        log = (self.directory / "redis.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(self.directory),
-                "--protected-mode",
-                "no",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        argv = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(self.directory),
+            "--protected-mode",
+            "no",
+            *self.extra,
+        ]
+        with (self.directory / "redis.log").open("ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         self.wait_until_up()
+
+    def command(self, *args: str) -> object:
+        """Run one command on the server (over a plain TCP connection)."""
+        import redis
+
+        client = redis.Redis(port=self.port, protocol=2)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
 
     def wait_until_up(self, timeout: float = 10.0) -> None:
         import redis
 
         deadline = time.monotonic() + timeout
         while True:
-            client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError((self.directory / "redis.log").read_text())
+            client = redis.Redis(port=self.port, socket_connect_timeout=0.2, protocol=2, retry=None)
             try:
                 if client.ping():
                     return
+            except redis.AuthenticationError:
+                return  # up, and wants a password
             except redis.RedisError:
                 if time.monotonic() > deadline:
                     raise
@@ -229,7 +243,7 @@ class PrivateRedis:
         """Close every client connection, as a network blip or a proxy would."""
         import redis
 
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, protocol=2)
         try:
             for kind in ("normal", "pubsub"):
                 client.client_kill_filter(_type=kind, skipme=True)

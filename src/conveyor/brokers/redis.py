@@ -309,9 +309,12 @@ class RedisBroker(Broker):
         names = names[turn:] + names[:turn]  # round robin between fetches, as kombu
         watched = frozenset(key.encode() for name in names for key in self.layout.list_keys(name))
         prefixes = minimal_prefixes(self.layout.list_key(name) for name in names)
+        fanout = self.topology.fanout_patterns(names)
         while True:
             try:
                 self._restore_foreign()
+                if fanout:
+                    self._collect_fanout(fanout, watched)
                 deliveries, next_due = self._take(names, max_messages)
             except BrokerError:
                 self._forget_listener()  # its sockets are likely as dead as this one was
@@ -427,16 +430,23 @@ class RedisBroker(Broker):
             return
         try:
             listener = self._listener
-            with self._redis():
-                try:
-                    if listener.track(prefixes):
-                        return  # look once more: a push may have landed before tracking
-                    if not listener.tracking_supported:
-                        timeout = min(timeout, self.polling_interval)
-                    heard = listener.wait(timeout, watched, self._pipe)
-                except BaseException:
-                    listener.close()  # reconnected (and resubscribed) on the next call
-                    raise
+            try:
+                with self._redis():
+                    try:
+                        if listener.track(prefixes):
+                            return  # look once more: a push may have landed meanwhile
+                        if not listener.tracking_supported:
+                            timeout = min(timeout, self.polling_interval)
+                        heard = listener.wait(timeout, watched, self._pipe)
+                    except BaseException:
+                        listener.close()  # reopened (and resubscribed) on the next call
+                        raise
+            except BrokerUnavailable:
+                # A listener left over from before a restart or a dropped connection: the
+                # next fetch command shows whether Redis is really down; until then, wait
+                # as a poll would.
+                self._pipe_wait(min(timeout, self.polling_interval))
+                return
             if heard.fanout:
                 self._buffer_fanout(heard.fanout)
         finally:
@@ -449,13 +459,16 @@ class RedisBroker(Broker):
             return
         try:
             listener = self._listener
-            with self._redis():
-                try:
-                    listener.subscribe_fanout(patterns)
-                    heard = listener.wait(0, watched, None)
-                except BaseException:
-                    listener.close()
-                    raise
+            try:
+                with self._redis():
+                    try:
+                        listener.subscribe_fanout(patterns)
+                        heard = listener.wait(0, watched, None)
+                    except BaseException:
+                        listener.close()
+                        raise
+            except BrokerUnavailable:
+                return  # as in _sleep: reopened next time; real outages show in fetch
             if heard.fanout:
                 self._buffer_fanout(heard.fanout)
         finally:

@@ -120,9 +120,12 @@ class KeyLayout:
             channel += f"/{routing_key}"
         return channel
 
-    def fanout_subscription(self, exchange: str, routing_key: str) -> str:
-        """The PSUBSCRIBE pattern of a fanout binding (kombu turns '#' into '*')."""
-        return self.fanout_channel(exchange, routing_key.replace("#", "*"))
+    def fanout_subscriptions(self, exchange: str) -> tuple[str, str]:
+        """The PSUBSCRIBE patterns that hear every publish to a fanout exchange: kombu
+        publishes on ``<exchange>/<routing key>`` when the key is not empty, and a
+        fanout exchange ignores keys (kombu's own consumers subscribe per key)."""
+        channel = self.fanout_channel(exchange)
+        return channel, f"{channel}/*"
 
     # -- Conveyor's own ----------------------------------------------------------------
     @property

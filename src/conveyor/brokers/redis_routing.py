@@ -61,7 +61,7 @@ class RedisTopology:
         self.layout = layout
         self._types: dict[str, str] = {}
         self._known_queues: set[str] = set()
-        self._fanout: dict[str, set[tuple[str, str]]] = {}  # queue -> {(exchange, key)}
+        self._fanout: dict[str, set[str]] = {}  # queue -> fanout exchanges it is bound to
         self._lock = threading.Lock()
 
     # -- exchanges ----------------------------------------------------------------------
@@ -144,9 +144,7 @@ class RedisTopology:
         pipe.execute()
         if kind == "fanout":
             with self._lock:
-                self._fanout.setdefault(binding.queue, set()).add(
-                    (binding.exchange, binding.routing_key)
-                )
+                self._fanout.setdefault(binding.queue, set()).add(binding.exchange)
 
     def _bindings(self, exchange: str, kind: str) -> list[Binding]:
         layout = self.layout
@@ -200,19 +198,19 @@ class RedisTopology:
     def fanout_patterns(self, queues: Iterable[str]) -> set[str]:
         with self._lock:
             return {
-                self.layout.fanout_subscription(exchange, key)
+                pattern
                 for queue in queues
-                for exchange, key in self._fanout.get(queue, ())
+                for exchange in self._fanout.get(queue, ())
+                for pattern in self.layout.fanout_subscriptions(exchange)
             }
 
     def queues_for_pattern(self, pattern: str) -> list[str]:
         with self._lock:
             return [
                 queue
-                for queue, bindings in self._fanout.items()
+                for queue, exchanges in self._fanout.items()
                 if any(
-                    self.layout.fanout_subscription(exchange, key) == pattern
-                    for exchange, key in bindings
+                    pattern in self.layout.fanout_subscriptions(exchange) for exchange in exchanges
                 )
             ]
 

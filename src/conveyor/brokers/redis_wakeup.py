@@ -102,8 +102,12 @@ class ChangeListener:
             return self._listener
         listener = self._clients.dedicated()
         try:
-            listener.send_command("CLIENT", "ID", check_health=False)
-            self._listener_id = int(listener.read_response())
+            if self.tracking_supported:
+                listener.send_command("CLIENT", "ID", check_health=False)
+                try:
+                    self._listener_id = int(listener.read_response())
+                except redis.ResponseError as exc:
+                    self._refuse_tracking(exc)
             listener.send_command("SUBSCRIBE", INVALIDATE_CHANNEL, check_health=False)
             listener.read_response()
         except BaseException:
@@ -148,6 +152,8 @@ class ChangeListener:
         if not self.tracking_supported or self._tracked == prefixes:
             return False
         self._open()
+        if self._tracking_refused():  # found out while opening
+            return False
         listener_id = self._listener_id
         tracker = self._tracker_connection()
         try:
@@ -160,15 +166,21 @@ class ChangeListener:
             tracker.send_command(*args, check_health=False)
             tracker.read_response()
         except redis.ResponseError as exc:
-            self.tracking_supported = False
-            logger.warning(
-                "Redis refused CLIENT TRACKING (%s): idle fetches will poll "
-                "instead of being woken by pushes",
-                exc,
-            )
+            self._refuse_tracking(exc)
             return False
         self._tracked = prefixes
         return True
+
+    def _tracking_refused(self) -> bool:
+        return not self.tracking_supported
+
+    def _refuse_tracking(self, exc: Exception) -> None:
+        self.tracking_supported = False
+        logger.warning(
+            "Redis refused client tracking (%s): idle fetches will poll instead of being "
+            "woken by pushes",
+            exc,
+        )
 
     def untrack(self) -> None:
         """Stop change reports (the fetch is busy). The reply is read later, so this
