@@ -286,7 +286,7 @@ def test_without_client_tracking_an_idle_fetch_polls(tmp_path: Path) -> None:
         thread.join(PATIENCE)
         assert [d.envelope.body for d in result["deliveries"]] == [b"polled"]
         assert result["at"] - pushed_at < PROMPT
-        assert not broker._listener.tracking_supported
+        assert not broker._waiter.listener.tracking_supported
     finally:
         pusher.close()
         broker.close()

@@ -44,20 +44,22 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, cast
+from threading import Lock
+from typing import Any
 
 import redis
 from conveyor.brokers import redis_scripts as scripts
 from conveyor.brokers.base import Broker, QueueStats
-from conveyor.brokers.redis_layout import KeyLayout, check_queue_name, decode_envelope
+from conveyor.brokers.redis_layout import check_queue_name, decode_envelope
+from conveyor.brokers.redis_restore import ForeignRestorer
 from conveyor.brokers.redis_routing import RedisTopology, new_delivery_tag
-from conveyor.brokers.redis_wakeup import ChangeListener, WakePipe, minimal_prefixes
+from conveyor.brokers.redis_settings import BrokerSettings
+from conveyor.brokers.redis_wakeup import IdleWaiter, minimal_prefixes
 from conveyor.brokers.virtual import (
     DeadLetter,
     Doorbell,
@@ -67,64 +69,25 @@ from conveyor.brokers.virtual import (
 )
 from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import BrokerError, BrokerUnavailable
-from conveyor.redis_connection import (
-    CONNECTION_OPTIONS,
-    RedisClients,
-    as_bytes,
-    as_text,
-    translated,
-)
+from conveyor.redis_connection import RedisClients, as_bytes, as_text, translated
 from conveyor.routing import Binding, Exchange, Queue
 
 logger = logging.getLogger("conveyor.brokers.redis")
 
-BROKER_OPTIONS = frozenset(
-    {
-        "global_keyprefix",
-        "sep",
-        "priority_steps",
-        "fanout_prefix",
-        "fanout_patterns",
-        "unacked_key",
-        "unacked_index_key",
-        "unacked_mutex_key",
-        "unacked_mutex_expire",
-        "unacked_restore_limit",
-        "restore_interval",
-        "polling_interval",
-        "dead_letter_limit",
-        "scan_limit",
-    }
+SCRIPTS = (
+    "FETCH",
+    "ACK",
+    "EXTEND",
+    "DEFER",
+    "REQUEUE",
+    "DEAD_LETTER",
+    "RECORD",
+    "RESTORE_FOREIGN",
+    "PURGE",
+    "RELEASE_LOCK",
 )
-URL_OPTIONS = frozenset(
-    {
-        "global_keyprefix",
-        "dead_letter_limit",
-        "scan_limit",
-        "unacked_restore_limit",
-        "restore_interval",
-        "polling_interval",
-    }
-)
-# kombu/Celery options that mean nothing here; accepted so shared settings keep working.
-IGNORED_OPTIONS = frozenset(
-    {
-        "max_retries",
-        "interval_start",
-        "interval_step",
-        "interval_max",
-        "retry_policy",
-        "ack_emulation",
-        "body_encoding",
-        "queue_order_strategy",
-        "confirm_publish",
-        "unacked_restore_interval",
-        "unacked_restore_throttle",
-        "retry_on_timeout",
-        "connection_class",
-        "health_check_interval_unset",
-    }
-)
+FANOUT_BUFFER = 10_000
+"""Celery fanout messages kept per queue until a fetch takes them (oldest dropped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,67 +114,35 @@ class RedisBroker(Broker):
         self, url: str, *, visibility_timeout: float = 3600.0, **transport_options: Any
     ) -> None:
         super().__init__(url, visibility_timeout=visibility_timeout)
-        unknown = set(transport_options) - BROKER_OPTIONS - CONNECTION_OPTIONS - IGNORED_OPTIONS
-        if unknown:
-            logger.warning(
-                "Redis broker ignores unknown transport options: %s", ", ".join(sorted(unknown))
-            )
         self._clients = RedisClients(url, transport_options)
-        # Simple options may also ride in the URL (redis://host/0?global_keyprefix=app:),
-        # which lets one URL name a whole isolated broker; transport options win.
-        query = self._clients.target.query
-        options = {**{k: v for k, v in query.items() if k in URL_OPTIONS}, **transport_options}
         self._where = self._clients.target.safe_url
-        self.layout = KeyLayout(
-            prefix=str(options.get("global_keyprefix") or ""),
-            sep=str(options.get("sep", "\x06\x16")),
-            steps=tuple(int(s) for s in options.get("priority_steps", (0, 3, 6, 9))),
+        self.settings = BrokerSettings.from_options(
+            self._clients.target.query,
+            transport_options,
+            visibility_timeout=visibility_timeout,
             db=self._clients.db,
-            fanout_prefix=options.get("fanout_prefix", True),
-            fanout_patterns=bool(options.get("fanout_patterns", True)),
-            unacked_name=str(options.get("unacked_key", "unacked")),
-            unacked_index_name=str(options.get("unacked_index_key", "unacked_index")),
-            unacked_mutex_name=str(options.get("unacked_mutex_key", "unacked_mutex")),
         )
-        self.scan_limit = int(options.get("scan_limit", 100))
-        self.restore_limit = int(options.get("unacked_restore_limit") or 100)
-        self.mutex_expire = int(options.get("unacked_mutex_expire", 300))
-        self.restore_interval = float(
-            options.get("restore_interval", min(10.0, max(0.05, visibility_timeout / 4)))
-        )
-        self.polling_interval = float(options.get("polling_interval", 0.25))
-        self.dead_letter_limit = int(options.get("dead_letter_limit", 10_000))
-        client = self._clients.client
-        self.client = client
+        self.layout = self.settings.layout
+        self.client = self._clients.client
         self._scripts = {
-            name: client.register_script(getattr(scripts, name))
-            for name in (
-                "FETCH",
-                "ACK",
-                "EXTEND",
-                "DEFER",
-                "REQUEUE",
-                "DEAD_LETTER",
-                "RECORD",
-                "RESTORE_FOREIGN",
-                "PURGE",
-                "RELEASE_LOCK",
-            )
+            name: self.client.register_script(getattr(scripts, name)) for name in SCRIPTS
         }
-        self.topology = RedisTopology(client, self.layout)
+        self.topology = RedisTopology(self.client, self.layout)
+        self._restorer = ForeignRestorer(
+            self.client, self.settings, self.topology, self._scripts, visibility_timeout
+        )
         self._doorbell = Doorbell()
         self._wake_requests = WakeRequests(self._doorbell)
-        self._listen_lock = threading.Lock()
-        self._fanout_lock = threading.Lock()
-        self._fanout_buffer: dict[str, deque[bytes]] = defaultdict(lambda: deque(maxlen=10_000))
+        self._fanout_lock = Lock()
+        self._fanout_buffer: dict[str, deque[bytes]] = defaultdict(
+            lambda: deque(maxlen=FANOUT_BUFFER)
+        )
         self._turn = itertools.count()
-        self._next_foreign_scan = 0.0
         self._start_process_state()
 
     def _start_process_state(self) -> None:
         self._pid = os.getpid()
-        self._pipe = WakePipe()
-        self._listener = ChangeListener(self._clients)
+        self._waiter = IdleWaiter(self._clients, self.settings.polling_interval)
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
@@ -312,15 +243,16 @@ class RedisBroker(Broker):
         fanout = self.topology.fanout_patterns(names)
         while True:
             try:
-                self._restore_foreign()
-                if fanout:
-                    self._collect_fanout(fanout, watched)
+                with self._redis():
+                    self._restorer.maybe_scan()
+                    if fanout:
+                        self._buffer_fanout(self._waiter.collect(fanout, watched))
                 deliveries, next_due = self._take(names, max_messages)
             except BrokerError:
-                self._forget_listener()  # its sockets are likely as dead as this one was
+                self._waiter.forget()  # its sockets are likely as dead as this one was
                 raise
             if deliveries:
-                self._quiet()
+                self._waiter.quiet()
                 return deliveries
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -330,8 +262,9 @@ class RedisBroker(Broker):
                     return []
             if next_due is not None:
                 remaining = min(remaining, max(0.0, next_due - time.time()) + 0.001)
-            remaining = min(remaining, max(0.0, self._next_foreign_scan - time.time()))
-            self._sleep(names, watched, prefixes, remaining)
+            remaining = min(remaining, max(0.0, self._restorer.next_scan - time.time()))
+            with self._redis():
+                self._buffer_fanout(self._waiter.sleep(watched, prefixes, remaining))
 
     def _take(self, names: list[str], max_messages: int) -> tuple[list[Delivery], float | None]:
         deliveries = self._take_fanout(names, max_messages)
@@ -354,8 +287,8 @@ class RedisBroker(Broker):
                 room,
                 prefix,
                 len(names),
-                self.scan_limit,
-                self.dead_letter_limit,
+                self.settings.scan_limit,
+                self.settings.dead_letter_limit,
             ],
         )
         next_due = float(reply[0]) if reply[0] else None
@@ -420,89 +353,14 @@ class RedisBroker(Broker):
             deliveries.append(self._delivery(name, payload, tag, int(count), token))
         return deliveries
 
-    def _sleep(
-        self, names: list[str], watched: frozenset[bytes], prefixes: tuple[str, ...], timeout: float
-    ) -> None:
-        """Wait for a change worth another look, at most ``timeout`` seconds."""
-        if not self._listen_lock.acquire(blocking=False):
-            # Another thread of this broker is listening; look again shortly.
-            self._pipe_wait(min(timeout, 0.05))
-            return
-        try:
-            listener = self._listener
-            try:
-                with self._redis():
-                    try:
-                        if listener.track(prefixes):
-                            return  # look once more: a push may have landed meanwhile
-                        if not listener.tracking_supported:
-                            timeout = min(timeout, self.polling_interval)
-                        heard = listener.wait(timeout, watched, self._pipe)
-                    except BaseException:
-                        listener.close()  # reopened (and resubscribed) on the next call
-                        raise
-            except BrokerUnavailable:
-                # A listener left over from before a restart or a dropped connection: the
-                # next fetch command shows whether Redis is really down; until then, wait
-                # as a poll would.
-                self._pipe_wait(min(timeout, self.polling_interval))
-                return
-            if heard.fanout:
-                self._buffer_fanout(heard.fanout)
-        finally:
-            self._listen_lock.release()
-
-    def _collect_fanout(self, patterns: set[str], watched: frozenset[bytes]) -> None:
-        """Subscribe to the fanout channels of these queues and take in what arrived;
-        done on every fetch, so a worker that never idles still gets Celery's fanouts."""
-        if not self._listen_lock.acquire(blocking=False):
-            return
-        try:
-            listener = self._listener
-            try:
-                with self._redis():
-                    try:
-                        listener.subscribe_fanout(patterns)
-                        heard = listener.wait(0, watched, None)
-                    except BaseException:
-                        listener.close()
-                        raise
-            except BrokerUnavailable:
-                return  # as in _sleep: reopened next time; real outages show in fetch
-            if heard.fanout:
-                self._buffer_fanout(heard.fanout)
-        finally:
-            self._listen_lock.release()
-
-    def _pipe_wait(self, timeout: float) -> None:
-        import select
-
-        select.select([self._pipe.read_fd], [], [], timeout)
-
     def _buffer_fanout(self, messages: list[tuple[bytes, bytes]]) -> None:
+        if not messages:
+            return
         with self._fanout_lock:
             for pattern, payload in messages:
                 for queue in self.topology.queues_for_pattern(pattern.decode()):
                     if not self.topology.listed_copy(payload):
                         self._fanout_buffer[queue].append(payload)
-
-    def _quiet(self) -> None:
-        """A busy fetch needs no change reports until it is idle again. Never raises: the
-        deliveries are already taken, and a broken listener is reopened when next needed."""
-        if self._listener.tracking and self._listen_lock.acquire(blocking=False):
-            try:
-                self._listener.untrack()
-            except (redis.RedisError, OSError):
-                self._listener.close()
-            finally:
-                self._listen_lock.release()
-
-    def _forget_listener(self) -> None:
-        if self._listen_lock.acquire(blocking=False):
-            try:
-                self._listener.close()
-            finally:
-                self._listen_lock.release()
 
     # -- settling -----------------------------------------------------------------------
     def ack(self, delivery: Delivery) -> None:
@@ -534,7 +392,7 @@ class RedisBroker(Broker):
                     delivery.tag,
                     reason,
                     repr(time.time()),
-                    self.dead_letter_limit,
+                    self.settings.dead_letter_limit,
                 ],
             )
 
@@ -568,64 +426,6 @@ class RedisBroker(Broker):
             ],
             [held.delivery_tag, delivery.tag, repr(until)],
         )
-
-    # -- restoring what Celery workers left behind --------------------------------------
-    def _restore_foreign(self) -> None:
-        """kombu's rule for deliveries no Conveyor lease covers: back to their queue once
-        delivered more than ``visibility_timeout`` ago, a bounded number per scan."""
-        now = time.time()
-        if now < self._next_foreign_scan:
-            return
-        self._next_foreign_scan = now + self.restore_interval
-        layout = self.layout
-        ceiling = now - self.visibility_timeout
-        with self._redis():
-            lapsed: list[bytes] = cast(Any, self.client).zrange(
-                layout.unacked_index,
-                "-inf",
-                repr(ceiling),
-                byscore=True,
-                offset=0,
-                num=self.restore_limit,
-            )
-            if not lapsed:
-                return
-            token = secrets.token_hex(16)
-            if not self.client.set(layout.unacked_mutex, token, nx=True, ex=self.mutex_expire):
-                return  # another worker (Celery's or ours) is restoring
-            try:
-                self._restore_tags(lapsed, ceiling)
-            finally:
-                self._scripts["RELEASE_LOCK"](keys=[layout.unacked_mutex], args=[token])
-
-    def _restore_tags(self, tags: list[bytes], ceiling: float) -> None:
-        import hashlib
-
-        layout = self.layout
-        entries = [
-            None if e is None else as_bytes(e) for e in self.client.hmget(layout.unacked, tags)
-        ]
-        records = self.client.hmget(layout.deliveries, tags)
-        for tag, entry, record in zip(tags, entries, records, strict=True):
-            if record is not None and json.loads(record).get("t"):
-                continue  # a Conveyor lease: restored by its own expiry, in fetch
-            keys = [layout.unacked, layout.unacked_index, layout.deliveries]
-            if entry is None:
-                self._scripts["RESTORE_FOREIGN"](keys=[*keys, ""], args=[tag, "", 0, ""])
-                continue
-            try:
-                restored = self.topology.restore_plan(entry)
-            except (ValueError, TypeError, BrokerError) as exc:
-                logger.error("Cannot restore delivery %r: %s", tag, exc)
-                continue
-            if restored is None:
-                continue
-            payload, list_keys = restored
-            for list_key in list_keys:
-                self._scripts["RESTORE_FOREIGN"](
-                    keys=[*keys, list_key],
-                    args=[tag, hashlib.sha1(entry).hexdigest(), repr(ceiling), payload],
-                )
 
     # -- administration -----------------------------------------------------------------
     def purge(self, queue: str) -> int:
@@ -696,18 +496,17 @@ class RedisBroker(Broker):
 
     def wake(self) -> None:
         self._wake_requests.request()
-        self._pipe.ring()
+        self._waiter.pipe.ring()
 
     def close(self) -> None:
         """Close every connection; the object stays usable (it reconnects on use)."""
         self.wake()
         if self._pid == os.getpid():
-            with self._listen_lock:
-                self._listener.close()
+            self._waiter.close()
         with suppress(redis.RedisError):
             self._clients.close()
 
     def __del__(self) -> None:
-        pipe = getattr(self, "_pipe", None)
-        if pipe is not None and getattr(self, "_pid", None) == os.getpid():
-            pipe.close()
+        waiter = getattr(self, "_waiter", None)
+        if waiter is not None and getattr(self, "_pid", None) == os.getpid():
+            waiter.pipe.close()

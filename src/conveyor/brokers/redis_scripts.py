@@ -313,7 +313,7 @@ return count
 )
 
 # Give back a delivery that a Celery worker took and never settled (kombu's restore).
-# KEYS: unacked, unacked_index, deliveries, destination list.
+# KEYS: unacked, unacked_index, deliveries, then the lists it goes back to.
 # ARGV: tag, sha1 of the entry as read, highest score that counts as lapsed, envelope.
 RESTORE_FOREIGN = (
     _HELPERS
@@ -331,7 +331,7 @@ local rec = record_of(KEYS[3], tag)
 if rec and rec.t ~= '' and held_payload(KEYS[1], tag, rec) then return 0 end
 redis.call('HDEL', KEYS[1], tag)
 redis.call('ZREM', KEYS[2], tag)
-redis.call('RPUSH', KEYS[4], ARGV[4])
+for i = 4, #KEYS do redis.call('RPUSH', KEYS[i], ARGV[4]) end
 return 1
 """
 )

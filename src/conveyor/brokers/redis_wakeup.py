@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import select
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -231,3 +232,89 @@ class ChangeListener:
                 heard.changed = True
         elif kind == b"pmessage" and len(message) == 4:
             heard.fanout.append((message[1], message[3]))
+
+
+class IdleWaiter:
+    """The fetch side of waking, for one broker object in one process.
+
+    Holds the listener (used by one fetching thread at a time; another thread that would
+    sleep meanwhile waits briefly on the wake pipe instead), the wake pipe, and what
+    Celery published to the fanout queues being fetched. Connection failures here are
+    never raised: a listener left over from before a restart or a dropped connection is
+    reopened on the next call, and a real outage shows in the next fetch command.
+    """
+
+    def __init__(self, clients: RedisClients, polling_interval: float) -> None:
+        self.listener = ChangeListener(clients)
+        self.pipe = WakePipe()
+        self.polling_interval = polling_interval
+        self._lock = threading.Lock()
+
+    def sleep(
+        self, watched: frozenset[bytes], prefixes: tuple[str, ...], timeout: float
+    ) -> list[tuple[bytes, bytes]]:
+        """Wait at most ``timeout`` for a change worth another look; returns the fanout
+        messages heard. Raises only a refusal of Redis (``ResponseError``)."""
+        if not self._lock.acquire(blocking=False):
+            self.pipe_wait(min(timeout, 0.05))
+            return []
+        try:
+            listener = self.listener
+            try:
+                if listener.track(prefixes):
+                    return []  # look once more: a push may have landed meanwhile
+                if not listener.tracking_supported:
+                    timeout = min(timeout, self.polling_interval)
+                return listener.wait(timeout, watched, self.pipe).fanout
+            except _CONNECTION_ERRORS:
+                listener.close()
+                self.pipe_wait(min(timeout, self.polling_interval))
+                return []
+            except BaseException:
+                listener.close()
+                raise
+        finally:
+            self._lock.release()
+
+    def collect(self, patterns: set[str], watched: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+        """Subscribe to these fanout patterns and return what arrived, without waiting."""
+        if not self._lock.acquire(blocking=False):
+            return []
+        try:
+            try:
+                self.listener.subscribe_fanout(patterns)
+                return self.listener.wait(0, watched, None).fanout
+            except _CONNECTION_ERRORS:
+                self.listener.close()
+                return []
+        finally:
+            self._lock.release()
+
+    def quiet(self) -> None:
+        """A busy fetch needs no change reports until it is idle again."""
+        if self.listener.tracking and self._lock.acquire(blocking=False):
+            try:
+                self.listener.untrack()
+            except (redis.RedisError, OSError):
+                self.listener.close()
+            finally:
+                self._lock.release()
+
+    def forget(self) -> None:
+        """Drop the connections (their server went away); reopened when next needed."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self.listener.close()
+            finally:
+                self._lock.release()
+
+    def pipe_wait(self, timeout: float) -> None:
+        select.select([self.pipe.read_fd], [], [], max(0.0, timeout))
+
+    def close(self) -> None:
+        """Close the connections; the caller has rung the pipe, so a sleep ends soon."""
+        with self._lock:
+            self.listener.close()
+
+
+_CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
