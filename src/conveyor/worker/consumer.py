@@ -27,6 +27,7 @@ from conveyor.errors import (
     TimeLimitExceeded,
     WorkerLostError,
 )
+from conveyor.worker.acker import Acker
 from conveyor.worker.job import Job, JobResult
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ logger = logging.getLogger("conveyor.worker")
 class Consumer:
     def __init__(self, app: Conveyor, hostname: str) -> None:
         self.app = app
+        self.acker = Acker(app.broker)
         self.hostname = hostname
         self.accept = serialization.normalize_accept(app.conf.accept_content)
         self.lock = threading.Condition()
@@ -54,11 +56,12 @@ class Consumer:
 
     # -- broker calls that must not kill the worker -------------------------------------
     def _settle(self, delivery: Delivery, action: str, reason: str = "") -> None:
+        if action == "ack":
+            self.acker.ack([delivery])
+            return
         broker = self.app.broker
         try:
-            if action == "ack":
-                broker.ack(delivery)
-            elif action == "requeue":
+            if action == "requeue":
                 broker.reject(delivery, requeue=True, reason=reason)
             else:
                 broker.reject(delivery, requeue=False, reason=reason)
@@ -190,6 +193,8 @@ class Consumer:
                 self._expire(delivery, job.headers)
                 continue
             self.running[job.seq] = job
+            if not self.ready:
+                self.lock.notify_all()  # the fetcher refills at once when nothing waits
             return job
         return None
 
@@ -198,12 +203,8 @@ class Consumer:
         with self.lock:
             deliveries = [self.held.pop(job.seq) for job in jobs
                           if not job.acks_late and job.seq in self.held]
-        if not deliveries:
-            return
-        try:
-            self.app.broker.ack_many(deliveries)
-        except BrokerError as exc:
-            logger.warning("Could not ack %d messages: %s", len(deliveries), exc)
+        if deliveries:
+            self.acker.ack(deliveries)
 
     def not_started(self, job: Job) -> None:
         with self.lock:

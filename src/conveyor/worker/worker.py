@@ -181,8 +181,11 @@ class Worker:
         delay = 0.5
         while not self._stopping.is_set():
             with consumer.lock:
-                room = self.window() - consumer.inflight
-                if room <= 0:
+                window = self.window()
+                room = window - consumer.inflight
+                # Refill in batches (one round trip for many messages), unless no job is
+                # waiting for a slot: then even one message is worth fetching now.
+                if room <= 0 or (consumer.ready and room < max(1, window // 2)):
                     consumer.lock.wait(0.2)
                     continue
             try:
@@ -281,7 +284,7 @@ class Worker:
         graceful = not self._cold.is_set()
         unfinished = self._stop_pool(graceful)
         self.consumer.release_jobs(unfinished)
-        self._renew_leases()
+        self.consumer.acker.close()
         logger.info("%s stopped after %d tasks", self.hostname, self.consumer.processed)
 
     def _stop_pool(self, graceful: bool) -> list[Job]:

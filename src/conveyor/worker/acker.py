@@ -1,0 +1,68 @@
+"""Acknowledgements sent in batches, off the dispatch and result paths.
+
+Dispatching a job and reading a finished one must not wait for a broker round trip, and
+one round trip can settle many messages. Acks queue here and a thread sends whatever has
+gathered while the previous batch was on the wire. An ack that is late by a few
+milliseconds changes nothing a user can see; one that never arrives (the worker died)
+lets the lease lapse and the message is delivered again: at-least-once holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import TYPE_CHECKING
+
+from conveyor.errors import BrokerError
+
+if TYPE_CHECKING:
+    from conveyor.brokers.base import Broker
+    from conveyor.envelope import Delivery
+
+logger = logging.getLogger("conveyor.worker")
+
+BATCH_LIMIT = 512
+
+
+class Acker:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._pending: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="conveyor-acker", daemon=True)
+        self._thread.start()
+
+    def ack(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            self._pending.put(delivery)
+
+    def _run(self) -> None:
+        while True:
+            first = self._pending.get()
+            batch = [] if first is None else [first]
+            stopping = first is None
+            while len(batch) < BATCH_LIMIT:
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+            if batch:
+                self._send(batch)
+            if stopping and self._pending.empty():
+                return
+
+    def _send(self, batch: list[Delivery]) -> None:
+        try:
+            self.broker.ack_many(batch)
+        except BrokerError as exc:
+            # The leases will lapse and the messages come back: at-least-once holds.
+            logger.warning("Could not ack %d messages: %s", len(batch), exc)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then stop."""
+        self._pending.put(None)
+        self._thread.join(timeout)
