@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import threading
 from collections.abc import Callable, Coroutine, Mapping
@@ -181,8 +183,6 @@ class Conveyor:
         """Register a function as a task: ``@app.task`` or ``@app.task(bind=True, ...)``."""
         options["bind"] = bind
         def register(function: Callable[..., Any]) -> BaseTask[Any, Any]:
-            import inspect
-
             cls = AsyncTask if inspect.iscoroutinefunction(function) else Task
             created: BaseTask[Any, Any] = cls(self, function, options)
             self.tasks[created.name] = created
@@ -211,7 +211,7 @@ class Conveyor:
         message = self.producer.build(name, args, kwargs, options)
         target = self.router.resolve(name, args, kwargs, options)
         if target.priority is not None and options.get("priority") is None:
-            message = _with_priority(message, target.priority)
+            message = dataclasses.replace(message, priority=target.priority)
         self.producer.publish(message, target, options)
         return AsyncResult(message.id, self)
 
@@ -266,7 +266,7 @@ class Conveyor:
             request.kwargs if kwargs is None else kwargs,
             retry_options,
         )
-        message = _with_embed(message, request)
+        message = dataclasses.replace(message, embed=request.embed)
         if queue and request.delivery_info.get("exchange", "") == "":
             target = self.router.resolve(task.name, options={"queue": queue})
         else:
@@ -275,15 +275,3 @@ class Conveyor:
 
     def AsyncResult(self, task_id: str) -> AsyncResult[Any]:  # noqa: N802 - Celery's name
         return AsyncResult(task_id, self)
-
-
-def _with_priority(message: Any, priority: int) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(message, priority=priority)
-
-
-def _with_embed(message: Any, request: Request) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(message, embed=request.embed)

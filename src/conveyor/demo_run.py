@@ -21,22 +21,15 @@ from conveyor.result import AsyncResult
 console = Console()
 
 
+WEIGHTS = (("add", 60), ("fetch", 15), ("audit", 10), ("flaky", 10), ("broken", 5))
+"""The demo's mix of task kinds, per hundred tasks."""
+
+
 def _plan(count: int) -> list[tuple[str, int]]:
-    """Mix of kinds: mostly adds, then retries, failures, topic-routed and async tasks."""
-    weights = [("add", 60), ("fetch", 15), ("audit", 10), ("flaky", 10), ("broken", 5)]
-    plan: list[tuple[str, int]] = []
-    for index in range(count):
-        kind = weights[index % len(weights)][0] if index < 5 else None
-        if kind is None:
-            slot = index % 100
-            acc = 0
-            for name, weight in weights:
-                acc += weight
-                if slot < acc:
-                    kind = name
-                    break
-        plan.append((str(kind), index))
-    return plan
+    """One task of each kind first (so even a tiny run shows them all), then the mix."""
+    cycle = [name for name, weight in WEIGHTS for _ in range(weight)]
+    kinds = [name for name, _ in WEIGHTS] + [cycle[i % len(cycle)] for i in range(count)]
+    return [(kind, index) for index, kind in enumerate(kinds[:count])]
 
 
 def run_demo(*, count: int, concurrency: int, directory: str) -> int:
