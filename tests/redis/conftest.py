@@ -63,6 +63,10 @@ def celery_client(interop: dict[str, str]) -> Iterator[Any]:
     app = Celery("interop-client", set_as_current=False)
     app.conf.update(interop_settings())
     yield app
+    # Celery's close() leaves the result backend's pub/sub and pool open.
+    backend = app.backend
+    backend.result_consumer.stop()
+    backend.client.connection_pool.disconnect()
     app.close()
 
 

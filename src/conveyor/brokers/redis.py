@@ -50,7 +50,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from threading import Lock
-from typing import Any
+from typing import Any, cast
 
 import redis
 from conveyor.brokers import redis_scripts as scripts
@@ -196,7 +196,7 @@ class RedisBroker(Broker):
                 for envelope, exchange, key in items
             ]
             now = time.time()
-            pipe = self.client.pipeline(transaction=True)  # all or nothing
+            commands: list[tuple[Any, ...]] = []
             touched: set[str] = set()
             for envelope, exchange, key, route in routed:
                 step = layout.step_of(priority_of(envelope))
@@ -209,24 +209,29 @@ class RedisBroker(Broker):
                     list_key = layout.list_key(queue, step)
                     if hidden:
                         assert delay is not None
-                        pipe.zadd(layout.delayed(queue), {tag: now + delay})
-                        pipe.hset(layout.delayed_messages(queue), tag, payload)
-                        pipe.hset(
-                            layout.deliveries, tag, json.dumps({"n": 0, "t": "", "q": list_key})
-                        )
+                        record = json.dumps({"n": 0, "t": "", "q": list_key})
+                        commands += [
+                            ("ZADD", layout.delayed(queue), repr(now + delay), tag),
+                            ("HSET", layout.delayed_messages(queue), tag, payload),
+                            ("HSET", layout.deliveries, tag, record),
+                        ]
                     else:
-                        pipe.lpush(list_key, payload)
+                        commands.append(("LPUSH", list_key, payload))
                     touched.add(queue)
                 if route.fanout_channel is not None:
                     payload = self.topology.encode(
                         envelope, exchange, key, new_delivery_tag(), listed=True
                     )
-                    pipe.publish(route.fanout_channel, payload)
+                    commands.append(("PUBLISH", route.fanout_channel, payload))
             fresh = self.topology.unknown_queues(touched)
             if fresh:
-                pipe.sadd(layout.queues, *fresh)
-            if len(pipe):
-                pipe.execute()
+                commands.append(("SADD", layout.queues, *fresh))
+            # All or nothing; one command is atomic by itself, without MULTI/EXEC.
+            with self.client.pipeline(transaction=len(commands) > 1) as pipe:
+                for command in commands:
+                    cast(Any, pipe).execute_command(*command)
+                if commands:
+                    pipe.execute()
             self.topology.remember_queues(fresh)
 
     # -- consuming ----------------------------------------------------------------------
