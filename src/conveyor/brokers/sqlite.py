@@ -14,34 +14,24 @@ fetch costs ``O(log n)`` however many messages are leased or delayed.
 Exchanges and bindings live in the database, so every process routes alike; a process
 caches them and re-reads them when the ``topology_version`` counter in ``meta`` moves.
 
-A blocked ``fetch`` sleeps on a condition that publishes in this process ring, and between
-rings checks ``PRAGMA data_version`` (which changes when any other connection commits)
-every 1 ms, doubling to 50 ms while nothing changes; it also wakes when the earliest
-delayed or leased message of its queues is due.
-
-Each thread uses its own connection. A forked child opens its own and never touches the
-ones it inherited (SQLite forbids carrying a connection across ``fork``).
+A blocked ``fetch`` sleeps until publishes in this process ring, until another
+connection commits (``PRAGMA data_version`` moves; polled every 1 ms, doubling to 50 ms
+while nothing changes) or until the earliest delayed or leased message of its queues is
+due. Connections, retries and that waiting are :mod:`conveyor.sqlite_store`'s.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import sqlite3
-import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import unquote
+from typing import Any
 
 from conveyor.brokers.base import Broker, QueueStats
 from conveyor.brokers.virtual import (
     MAX_PRIORITY,
     DeadLetter,
-    Doorbell,
     Topology,
     TopologyChange,
     WakeRequests,
@@ -54,8 +44,7 @@ from conveyor.brokers.virtual import (
 from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import BrokerError, BrokerUnavailable, ConfigurationError
 from conveyor.routing import Binding, Exchange, Queue
-
-T = TypeVar("T")
+from conveyor.sqlite_store import SqliteStore, database_path
 
 SCHEMA_VERSION = 1
 
@@ -122,89 +111,8 @@ _STATS = """
            (SELECT COUNT(*) FROM dead_letters WHERE queue = :queue)
     FROM messages WHERE queue = :queue"""
 
-SYNCHRONOUS_MODES = frozenset({"off", "normal", "full", "extra"})
-
-# ``busy_timeout`` already waits inside SQLite; these retries cover the SQLITE_BUSY that
-# SQLite returns at once (WAL recovery, a snapshot that cannot be upgraded).
-_RETRY_FIRST = 0.001
-_RETRY_MAX = 0.1
-_RETRY_FOR = 30.0
-_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
-
-_POLL_FIRST = 0.001
-_POLL_MAX = 0.05
 # Far more ids than this in one ``IN (...)`` would meet SQLite's parameter limit.
 _IDS_PER_QUERY = 500
-
-
-def database_path(url: str) -> Path:
-    """``sqlite:///relative.db`` (from the current directory) or ``sqlite:////abs.db``."""
-    prefix = "sqlite://"
-    rest = url[len(prefix) :].split("?", 1)[0] if url.startswith(prefix) else ""
-    if not rest.startswith("/") or len(rest) < 2:
-        raise ConfigurationError(
-            f"not a SQLite broker URL: {url!r}; use sqlite:///relative/path.db "
-            "or sqlite:////absolute/path.db"
-        )
-    path = unquote(rest[1:])
-    if path == ":memory:":
-        raise ConfigurationError(
-            "an in-memory SQLite database cannot be shared between threads and processes; "
-            "use memory:// for an in-process broker"
-        )
-    return Path(os.path.abspath(path))
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
-    return "locked" in str(exc) or "busy" in str(exc)
-
-
-# Connections a forked child inherited: using or even closing them could disturb the
-# parent's locks, so the child keeps them referenced (never finalized) and opens its own.
-_INHERITED: list[sqlite3.Connection] = []
-
-
-def _close_if_owner(connection: sqlite3.Connection, owner_pid: int) -> None:
-    if os.getpid() == owner_pid:
-        connection.close()
-    else:
-        _INHERITED.append(connection)
-
-
-class _ThreadConnection:
-    """One thread's connection; when the thread ends, its finalizer closes it."""
-
-    __slots__ = ("__weakref__", "connection", "epoch")
-
-    def __init__(self, connection: sqlite3.Connection, epoch: int) -> None:
-        self.connection = connection
-        self.epoch = epoch
-
-
-_DOORBELLS: weakref.WeakValueDictionary[str, Doorbell] = weakref.WeakValueDictionary()
-_DOORBELLS_LOCK = threading.Lock()
-
-
-def _doorbell_for(path: Path) -> Doorbell:
-    # Brokers on one file in one process share a doorbell, so a producer and a worker
-    # built from separate apps still wake each other without polling.
-    with _DOORBELLS_LOCK:
-        doorbell = _DOORBELLS.get(str(path))
-        if doorbell is None:
-            doorbell = _DOORBELLS[str(path)] = Doorbell()
-        return doorbell
-
-
-def _forget_doorbells_in_child() -> None:
-    global _DOORBELLS_LOCK
-    _DOORBELLS_LOCK = threading.Lock()
-    _DOORBELLS.clear()
-
-
-os.register_at_fork(after_in_child=_forget_doorbells_in_child)
 
 
 class SqliteBroker(Broker):
@@ -221,66 +129,33 @@ class SqliteBroker(Broker):
         synchronous: str = "normal",
     ) -> None:
         super().__init__(url, visibility_timeout=visibility_timeout)
-        if synchronous.lower() not in SYNCHRONOUS_MODES:
-            raise ConfigurationError(
-                f"synchronous must be one of {sorted(SYNCHRONOUS_MODES)}, not {synchronous!r}"
-            )
-        self.path = database_path(url)
-        self.busy_timeout = busy_timeout
-        # NORMAL survives any crash of the application; only a power loss can drop the
-        # last commits. FULL fsyncs every commit.
-        self.synchronous = synchronous.upper()
+        self._store = SqliteStore(
+            database_path(url),
+            setup=self._create_schema,
+            error=BrokerError,
+            unavailable=BrokerUnavailable,
+            doorbell="messages",
+            busy_timeout=busy_timeout,
+            synchronous=synchronous,
+        )
+        self.path = self._store.path
         self._topology_cache: tuple[int, Topology] | None = None
         self._known_queues: set[str] = set()
-        self._schema_ready = False
-        self._start_process_state()
+        self._wake_requests = WakeRequests(self._store.doorbell)
 
-    def _start_process_state(self) -> None:
-        """State that belongs to one process; rebuilt in a forked child."""
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._epoch = 0  # close() bumps it; connections of older epochs are closed
-        self._finalizers: set[weakref.finalize[Any, Any]] = set()
-        self._doorbell = _doorbell_for(self.path)
-        self._wake_requests = WakeRequests(self._doorbell)
+    @property
+    def busy_timeout(self) -> float:
+        """Seconds SQLite waits for a lock; applies to connections opened from then on."""
+        return self._store.busy_timeout
 
-    # -- connections and transactions -----------------------------------------------------
-    def _connection(self) -> sqlite3.Connection:
-        if os.getpid() != self._pid:
-            self._start_process_state()
-        holder: _ThreadConnection | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.epoch == self._epoch:
-            return holder.connection
-        connection = self._open()
-        with self._lock:
-            holder = _ThreadConnection(connection, self._epoch)
-            self._finalizers = {f for f in self._finalizers if f.alive}
-            self._finalizers.add(weakref.finalize(holder, _close_if_owner, connection, self._pid))
-        self._local.holder = holder
-        if not self._schema_ready:
-            self._transaction(connection, "BEGIN IMMEDIATE", self._create_schema)
-            self._schema_ready = True
-        return connection
+    @busy_timeout.setter
+    def busy_timeout(self, seconds: float) -> None:
+        self._store.busy_timeout = seconds
 
-    def _open(self) -> sqlite3.Connection:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                isolation_level=None,  # transactions are begun explicitly
-                check_same_thread=False,  # only its thread uses it; close() may run elsewhere
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise BrokerUnavailable(f"cannot open SQLite database {self.path}: {exc}") from exc
-        try:
-            self._retry_busy(lambda: connection.execute("PRAGMA journal_mode = WAL"))
-            connection.execute(f"PRAGMA synchronous = {self.synchronous}")
-        except BaseException:
-            connection.close()
-            raise
-        return connection
+    @property
+    def synchronous(self) -> str:
+        """SQLite's ``synchronous`` mode, upper case (``NORMAL`` unless asked otherwise)."""
+        return self._store.synchronous
 
     def _create_schema(self, connection: sqlite3.Connection) -> None:
         (version,) = connection.execute("PRAGMA user_version").fetchone()
@@ -292,51 +167,6 @@ class SqliteBroker(Broker):
             for statement in _SCHEMA:
                 connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-    def _retry_busy(self, attempt: Callable[[], T]) -> T:
-        pause = _RETRY_FIRST
-        give_up_at = time.monotonic() + _RETRY_FOR
-        while True:
-            try:
-                return attempt()
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
-                    raise BrokerError(f"SQLite error on {self.path}: {exc}") from exc
-                if time.monotonic() >= give_up_at:
-                    raise BrokerUnavailable(
-                        f"{self.path} stayed locked for {_RETRY_FOR:.0f}s: {exc}"
-                    ) from exc
-            except sqlite3.Error as exc:
-                raise BrokerError(f"SQLite error on {self.path}: {exc}") from exc
-            time.sleep(pause * random.uniform(0.5, 1.0))  # jitter: contenders spread out
-            pause = min(pause * 2, _RETRY_MAX)
-
-    def _transaction(
-        self, connection: sqlite3.Connection, begin: str, work: Callable[[sqlite3.Connection], T]
-    ) -> T:
-        def attempt() -> T:
-            connection.execute(begin)
-            try:
-                result = work(connection)
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-            return result
-
-        return self._retry_busy(attempt)
-
-    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return self._transaction(self._connection(), "BEGIN IMMEDIATE", work)
-
-    def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return self._transaction(self._connection(), "BEGIN", work)
-
-    def _data_version(self) -> int:
-        connection = self._connection()
-        row = self._retry_busy(lambda: connection.execute("PRAGMA data_version").fetchone())
-        return int(row[0])
 
     # -- topology -------------------------------------------------------------------------
     def _topology(self, connection: sqlite3.Connection) -> Topology:
@@ -386,7 +216,7 @@ class SqliteBroker(Broker):
             connection.executemany("INSERT OR IGNORE INTO bindings VALUES (?, ?, ?, ?)", bindings)
             connection.execute("UPDATE meta SET value = value + 1 WHERE key = 'topology_version'")
 
-        self._write(work)
+        self._store.write(work)
 
     def declare_exchange(self, exchange: Exchange) -> None:
         self._declare(lambda topology: topology.plan_exchange(exchange), None)
@@ -446,63 +276,39 @@ class SqliteBroker(Broker):
             connection.executemany(_INSERT_MESSAGE, rows)
             return len(rows)
 
-        published = self._write(work) if encoded else 0
+        published = self._store.write(work) if encoded else 0
         self._known_queues.update(new_queues)
         if published:
-            self._doorbell.ring()
+            self._store.doorbell.ring()
 
     # -- consuming ------------------------------------------------------------------------
     def fetch(self, queues: Sequence[str], max_messages: int, timeout: float) -> list[Delivery]:
         names = unique_queue_names(queues, max_messages)
         deadline = time.monotonic() + max(0.0, timeout)
-        with self._doorbell.condition:
+        with self._store.doorbell.condition:
             wake_mark = self._wake_requests.mark()
+
+        def woken() -> bool:
+            return self._wake_requests.consume(wake_mark)
+
         try_lease = True
         while True:
             # Taken before looking, so a change made while we look is noticed after.
-            rings, version = self._doorbell.rings, self._data_version()
+            seen = self._store.mark()
             if try_lease:
-                deliveries = self._write(lambda c: self._lease(c, names, max_messages))
+                deliveries = self._store.write(lambda c: self._lease(c, names, max_messages))
                 if deliveries:
                     return deliveries
                 if time.monotonic() >= deadline:
                     return []
-            earliest = self._read(lambda c: self._earliest_visible_at(c, names))
+            earliest = self._store.read(lambda c: self._earliest_visible_at(c, names))
             if earliest is not None and earliest <= time.time():
                 try_lease = True  # just became visible, or another consumer won a race
                 continue
-            if not self._sleep_until_change(rings, version, wake_mark, deadline, earliest):
+            if not self._store.wait_for_change(seen, deadline, due=earliest, interrupted=woken):
                 return []
             # An idle consumer looks with a read before it takes the write lock.
             try_lease = False
-
-    def _sleep_until_change(
-        self, rings: int, version: int, wake_mark: int, deadline: float, due: float | None
-    ) -> bool:
-        """Wait for a publish, a commit elsewhere or ``due``; False on wake() or timeout."""
-        condition = self._doorbell.condition
-        poll = _POLL_FIRST
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            pause = min(poll, remaining)
-            if due is not None:
-                pause = min(pause, max(0.0, due - time.time()))
-            with condition:
-                if self._wake_requests.consume(wake_mark):
-                    return False
-                if self._doorbell.rings == rings:
-                    condition.wait(pause)
-                    if self._wake_requests.consume(wake_mark):
-                        return False
-                if self._doorbell.rings != rings:
-                    return True
-            if self._data_version() != version:
-                return True
-            if due is not None and time.time() >= due:
-                return True
-            poll = min(poll * 2, _POLL_MAX)
 
     def _lease(
         self, connection: sqlite3.Connection, names: Sequence[str], max_messages: int
@@ -549,7 +355,7 @@ class SqliteBroker(Broker):
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         held = [_held(delivery) for delivery in deliveries]
         if held:
-            self._write(lambda c: c.executemany(f"DELETE FROM messages WHERE {_HELD}", held))
+            self._store.write(lambda c: c.executemany(f"DELETE FROM messages WHERE {_HELD}", held))
 
     def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
         held = _held(delivery)
@@ -564,8 +370,8 @@ class SqliteBroker(Broker):
             connection.execute(_DEAD_LETTER, (reason, now, *held))
             return connection.execute(f"DELETE FROM messages WHERE {_HELD}", held).rowcount
 
-        if self._write(work) and requeue:
-            self._doorbell.ring()
+        if self._store.write(work) and requeue:
+            self._store.doorbell.ring()
 
     def extend(self, deliveries: Sequence[Delivery], seconds: float | None = None) -> None:
         lease_for = self.visibility_timeout if seconds is None else seconds
@@ -580,12 +386,12 @@ class SqliteBroker(Broker):
                 [(until, *lease) for lease in held],
             )
 
-        self._write(work)
+        self._store.write(work)
 
     def defer(self, delivery: Delivery, until: float) -> None:
         # One UPDATE: the message is never both gone and not yet back. Handing back an
         # early eta is not a failed delivery, so the count is given back too.
-        changed = self._write(
+        changed = self._store.write(
             lambda c: (
                 c.execute(
                     "UPDATE messages SET visible_at = ?, lease_token = NULL, "
@@ -595,7 +401,7 @@ class SqliteBroker(Broker):
             )
         )
         if changed:
-            self._doorbell.ring()
+            self._store.doorbell.ring()
 
     # -- administration -------------------------------------------------------------------
     def purge(self, queue: str) -> int:
@@ -605,7 +411,7 @@ class SqliteBroker(Broker):
                 (queue, time.time()),
             ).rowcount
 
-        return self._write(work)
+        return self._store.write(work)
 
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         def work(connection: sqlite3.Connection) -> list[QueueStats]:
@@ -623,7 +429,7 @@ class SqliteBroker(Broker):
                 result.append(QueueStats(name, ready, delayed, leased, dead))
             return result
 
-        return self._read(work)
+        return self._store.read(work)
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` messages rejected without requeue from ``queue``."""
@@ -632,7 +438,7 @@ class SqliteBroker(Broker):
             "exchange, routing_key, delivery_count, reason, dead_at FROM dead_letters "
             "WHERE queue = ? ORDER BY id LIMIT ?"
         )
-        rows = self._read(lambda c: c.execute(query, (queue, limit)).fetchall())
+        rows = self._store.read(lambda c: c.execute(query, (queue, limit)).fetchall())
         return [
             DeadLetter(
                 Envelope(bytes(body), ctype, encoding, json.loads(headers), json.loads(props)),
@@ -642,10 +448,7 @@ class SqliteBroker(Broker):
         ]
 
     def check(self) -> None:
-        try:
-            self._read(lambda c: c.execute("SELECT 1").fetchone())
-        except BrokerError as exc:
-            raise BrokerUnavailable(str(exc)) from exc
+        self._store.check()
 
     def wake(self) -> None:
         self._wake_requests.request()
@@ -657,11 +460,7 @@ class SqliteBroker(Broker):
         during shutdown is not lost), which the next ``close`` closes again.
         """
         self.wake()
-        with self._lock:
-            self._epoch += 1
-            finalizers, self._finalizers = self._finalizers, set()
-        for finalizer in finalizers:
-            finalizer()
+        self._store.close()
 
 
 def _held(delivery: Delivery) -> tuple[int, str]:
