@@ -33,5 +33,6 @@ def interop_settings() -> dict[str, Any]:
         "broker_transport_options": {"global_keyprefix": prefix, "visibility_timeout": timeout},
         "result_backend_transport_options": {"global_keyprefix": prefix},
         "result_extended": True,
+        "result_expires": 600,  # on the shared server, stragglers expire soon
         "worker_prefetch_multiplier": 1,
     }

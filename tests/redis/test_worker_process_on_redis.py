@@ -41,6 +41,8 @@ def env(
         "CONVEYOR_BROKER_URL": url,
         "CONVEYOR_RESULT_BACKEND": url,
         "CONVEYOR_BROKER_TRANSPORT_OPTIONS": json.dumps({"visibility_timeout": 2}),
+        # A result a worker stores after the test deleted its keys expires soon anyway.
+        "CONVEYOR_RESULT_EXPIRES": "600",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)

@@ -35,6 +35,11 @@ for Celery consumers; a Conveyor fetch also takes what Celery publishes there.
 Messages requeued or restored by Conveyor keep their envelope unchanged (their count is
 kept in ``_conveyor.deliveries``); only restores of Celery's deliveries set kombu's
 ``redelivered`` flags.
+
+Limits: a deferred message becomes visible again only through a Conveyor fetch of its
+queue (Celery workers never look in the delayed zsets). The small count record of a
+message Conveyor gave back to a list stays behind if a Celery worker (or a purge) is what
+finally removes it.
 """
 
 from __future__ import annotations
