@@ -230,6 +230,8 @@ def status(state: State, queues: str | None) -> None:
     """Queues and their depths."""
     app = state.connected()
     names = [q.strip() for q in queues.split(",")] if queues else None
+    if names is None and not app.broker.lists_queues:
+        names = [q.name for q in app.router.consumed_queues(None)]
     table = Table(title=f"Queues on {app.broker.scheme}")
     for column in ("queue", "ready", "delayed", "leased", "dead-lettered"):
         table.add_column(column, justify="left" if column == "queue" else "right")

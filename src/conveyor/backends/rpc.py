@@ -8,8 +8,9 @@ queue through the default exchange, with ``correlation_id`` = the task's correla
 the latest state per task in memory, so ``get``/``wait`` only work in the process that
 sent the task (as with Celery), and only for its tasks. Chords need another backend.
 
-The reply queue is declared as Celery 5.7 declares it: durable, auto-delete, with
-``x-expires`` = ``result_expires``. The connection comes from the broker URL
+The reply queue is durable with ``x-expires`` = ``result_expires`` as in Celery 5.7, but
+not auto-delete: results sent while the caller reconnects wait in it (nobody but the
+caller declares it, so the flag is ours to choose). The connection comes from the broker URL
 (``rpc://`` says nothing of its own): :func:`conveyor.backends.backend_from_url` passes the
 app's ``broker_url``.
 """
@@ -68,10 +69,10 @@ class _Replies:
 
     def channel_closed(self, channel: Any, code: int, text: str) -> None:
         if channel is self.channel:
-            logger.warning("RabbitMQ closed the result channel (%s %s); consuming again",
-                           code, text)
-            channel.basic_consume(self.backend.oid, no_ack=True,
-                                  callback=self.backend.received)
+            logger.warning(
+                "RabbitMQ closed the result channel (%s %s); consuming again", code, text
+            )
+            channel.basic_consume(self.backend.oid, no_ack=True, callback=self.backend.received)
 
     def work(self) -> bool:
         return False
@@ -101,11 +102,15 @@ class RpcBackend(ResultBackend):
         if not connection_url or connection_url.split("://", 1)[0].lower() not in AMQP_SCHEMES:
             raise ConfigurationError(
                 "the rpc:// result backend sends results through RabbitMQ: use an amqp:// "
-                f"broker_url (got {connection_url!r})")
+                f"broker_url (got {connection_url!r})"
+            )
         self.persistent = persistent
         self.oid = str(uuid.uuid4())
-        self.io = AmqpIo(parse_amqp_url(connection_url, options), url=connection_url,
-                         name=f"conveyor-rpc-{id(self):x}")
+        self.io = AmqpIo(
+            parse_amqp_url(connection_url, options),
+            url=connection_url,
+            name=f"conveyor-rpc-{id(self):x}",
+        )
         self.topology = Topology()
         self.publisher = Publisher(self.io)
         self._replies = _Replies(self)
@@ -128,7 +133,9 @@ class RpcBackend(ResultBackend):
         arguments: dict[str, Any] = {}
         if self.expires:
             arguments["x-expires"] = int(self.expires * 1000)
-        spec = QueueSpec(self.oid, durable=True, auto_delete=True, arguments=arguments)
+        # Not auto-delete (Celery 5.7's queue is): a reconnect must not delete the queue
+        # and the results sent meanwhile. Unused, RabbitMQ deletes it after x-expires.
+        spec = QueueSpec(self.oid, durable=True, auto_delete=False, arguments=arguments)
 
         def declare(conn: Any) -> None:
             self.topology.apply(spec)
@@ -141,8 +148,11 @@ class RpcBackend(ResultBackend):
         """A result message (I/O thread)."""
         properties = message.properties
         try:
-            meta = self.decode(bytes(message.body), properties.get("content_type"),
-                               properties.get("content_encoding"))
+            meta = self.decode(
+                bytes(message.body),
+                properties.get("content_type"),
+                properties.get("content_encoding"),
+            )
         except (DecodeError, SerializationError) as exc:
             logger.error("Dropped an unreadable result message: %s", exc)
             return
@@ -193,8 +203,7 @@ class RpcBackend(ResultBackend):
         """Send the state to the caller's reply queue; nothing if the task had no reply_to."""
         request = current_request()
         if request.id == task_id and request.reply_to:
-            address: tuple[str, str] | None = (
-                request.reply_to, request.correlation_id or task_id)
+            address: tuple[str, str] | None = (request.reply_to, request.correlation_id or task_id)
         else:
             address = reply_address(task_id)
         if address is None:

@@ -46,12 +46,26 @@ from conveyor.routing import DEFAULT_EXCHANGE, Binding, Exchange, Queue
 logger = logging.getLogger("conveyor.broker.amqp")
 
 DEFAULT_FRAME_MAX = 131072
+LANDING_GRACE = 2.0
 
-KNOWN_OPTIONS = frozenset({
-    "ssl", "heartbeat", "connect_timeout", "operation_timeout", "reconnect_max_delay",
-    "client_properties", "confirm_window", "confirm_window_bytes", "default_queue_type",
-    "delay_queue_type", "dead_letter_queues", "consumer_timeout", "close_timeout",
-})
+KNOWN_OPTIONS = frozenset(
+    {
+        "ssl",
+        "heartbeat",
+        "connect_timeout",
+        "operation_timeout",
+        "reconnect_max_delay",
+        "client_properties",
+        "confirm_window",
+        "confirm_window_bytes",
+        "default_queue_type",
+        "delay_queue_type",
+        "dead_letter_queues",
+        "consumer_timeout",
+        "close_timeout",
+        "per_message_ttl",
+    }
+)
 
 _OPEN: weakref.WeakSet[AmqpBroker] = weakref.WeakSet()
 
@@ -67,19 +81,21 @@ class AmqpBroker(Broker):
     scheme = "amqp"
     supports_priority = False  # only on queues declared with x-max-priority
     native_delay = True
+    lists_queues = False
 
-    def __init__(self, url: str, *, visibility_timeout: float = 3600.0,
-                 **options: Any) -> None:
+    def __init__(self, url: str, *, visibility_timeout: float = 3600.0, **options: Any) -> None:
         super().__init__(url, visibility_timeout=visibility_timeout)
         unknown = set(options) - KNOWN_OPTIONS
         if unknown:
             raise ConfigurationError(
                 f"unknown AMQP transport options {sorted(unknown)}; known: "
-                f"{', '.join(sorted(KNOWN_OPTIONS))}")
+                f"{', '.join(sorted(KNOWN_OPTIONS))}"
+            )
         params = parse_amqp_url(url, options)
         self.dead_letter_queues = bool(options.get("dead_letter_queues", True))
         self.consumer_timeout = float(options.get("consumer_timeout", 1800.0))
         self.close_timeout = float(options.get("close_timeout", 10.0))
+        self.per_message_ttl = bool(options.get("per_message_ttl", False))
         self.chain = DelayChain(quorum=options.get("delay_queue_type") == "quorum")
         self._chain_prefixes = (DelayChain(False).prefix + ".", DelayChain(True).prefix + ".")
         self.io = AmqpIo(params, url=url, name=f"conveyor-amqp-{id(self):x}")
@@ -111,12 +127,14 @@ class AmqpBroker(Broker):
         self.io.call(lambda conn: self.topology.bind(binding))
 
     # -- producing --------------------------------------------------------------------------
-    def publish(self, envelope: Envelope, *, exchange: str, routing_key: str,
-                delay: float | None = None) -> None:
+    def publish(
+        self, envelope: Envelope, *, exchange: str, routing_key: str, delay: float | None = None
+    ) -> None:
         self.publish_many([(envelope, exchange, routing_key)], delay=delay)
 
-    def publish_many(self, items: Sequence[tuple[Envelope, str, str]], *,
-                     delay: float | None = None) -> None:
+    def publish_many(
+        self, items: Sequence[tuple[Envelope, str, str]], *, delay: float | None = None
+    ) -> None:
         if not items:
             return
         self.io.wait_connected()
@@ -125,11 +143,16 @@ class AmqpBroker(Broker):
         self._check_destinations(items, delayed=millis > 0)
         outgoing: list[Outgoing] = []
         for envelope, exchange, routing_key in items:
-            message, size = build_message(envelope, frame_max=frame_max)
+            message, size = build_message(
+                envelope, frame_max=frame_max, per_message_ttl=self.per_message_ttl
+            )
             if millis:
                 landing = self._landings[(exchange, routing_key)]
-                outgoing.append(Outgoing(message, self.chain.entry,
-                                         self.chain.routing_key(landing, millis), size))
+                outgoing.append(
+                    Outgoing(
+                        message, self.chain.entry, self.chain.routing_key(landing, millis), size
+                    )
+                )
             else:
                 outgoing.append(Outgoing(message, exchange, routing_key, size))
         if millis:
@@ -140,16 +163,26 @@ class AmqpBroker(Broker):
         wait = request.id is not None and not request.called_directly
         self.publisher.send(outgoing, wait=wait)
 
-    def _check_destinations(self, items: Sequence[tuple[Envelope, str, str]], *,
-                            delayed: bool) -> None:
+    def _check_destinations(
+        self, items: Sequence[tuple[Envelope, str, str]], *, delayed: bool
+    ) -> None:
         """Unknown exchanges fail the whole batch before anything is sent."""
         topology = self.topology
-        exchanges = {exchange for _, exchange, _ in items
-                     if exchange != DEFAULT_EXCHANGE and not topology.knows_exchange(exchange)}
-        queues = {key for _, exchange, key in items
-                  if exchange == DEFAULT_EXCHANGE and not topology.knows_queue(key)}
-        landings = {(exchange, key) for _, exchange, key in items
-                    if delayed and (exchange, key) not in self._landings}
+        exchanges = {
+            exchange
+            for _, exchange, _ in items
+            if exchange != DEFAULT_EXCHANGE and not topology.knows_exchange(exchange)
+        }
+        queues = {
+            key
+            for _, exchange, key in items
+            if exchange == DEFAULT_EXCHANGE and not topology.knows_queue(key)
+        }
+        landings = {
+            (exchange, key)
+            for _, exchange, key in items
+            if delayed and (exchange, key) not in self._landings
+        }
         if not (exchanges or queues or landings):
             return
 
@@ -172,32 +205,45 @@ class AmqpBroker(Broker):
     def _note_delayed(self, items: Sequence[tuple[Envelope, str, str]], millis: int) -> None:
         """Count delayed messages by destination queue, for ``stats`` in this process."""
         due = time.monotonic() + millis / 1000
-        named = [(envelope, exchange, key) for envelope, exchange, key in items
-                 if exchange != DEFAULT_EXCHANGE]
+        named = [
+            (envelope, exchange, key)
+            for envelope, exchange, key in items
+            if exchange != DEFAULT_EXCHANGE
+        ]
         routed: list[list[str]] = []
         if named:
-            routed = self.io.call(lambda conn: [
-                self.topology.local_route(exchange, key, envelope.headers)
-                for envelope, exchange, key in named])
+            routed = self.io.call(
+                lambda conn: [
+                    self.topology.local_route(exchange, key, envelope.headers)
+                    for envelope, exchange, key in named
+                ]
+            )
         destinations = [key for _, exchange, key in items if exchange == DEFAULT_EXCHANGE]
         destinations += [queue for queues in routed for queue in queues]
         with self._delayed_lock:
             for queue in destinations:
                 heapq.heappush(self._delayed.setdefault(queue, []), due)
 
+    def _landed(self, queue: str) -> None:
+        with self._delayed_lock:
+            dues = self._delayed.get(queue)
+            if dues:
+                heapq.heappop(dues)
+
     def _delayed_count(self, queue: str) -> int:
         with self._delayed_lock:
             dues = self._delayed.get(queue)
             if not dues:
                 return 0
-            now = time.monotonic()
+            # Still counted a little past due: the message may be crossing the chain's last
+            # queues; counting it twice for a moment beats not counting it at all.
+            now = time.monotonic() - LANDING_GRACE
             while dues and dues[0] <= now:
                 heapq.heappop(dues)
             return len(dues)
 
     # -- consuming ---------------------------------------------------------------------------
-    def fetch(self, queues: Sequence[str], max_messages: int,
-              timeout: float) -> list[Delivery]:
+    def fetch(self, queues: Sequence[str], max_messages: int, timeout: float) -> list[Delivery]:
         if isinstance(queues, str):
             raise TypeError("fetch() takes a sequence of queue names, not one string")
         if max_messages < 1:
@@ -217,23 +263,34 @@ class AmqpBroker(Broker):
     def _delivery(self, arrival: Arrival) -> Delivery:
         message = arrival.message
         info = message.delivery_info
+        raw_headers = message.properties.get("application_headers") or {}
+        if str(raw_headers.get("x-first-death-queue", "")).startswith(self._chain_prefixes):
+            self._landed(arrival.queue)
         envelope = envelope_of(message, self._chain_prefixes)
         REPLY_ADDRESSES.remember(envelope)
         quorum_count = envelope.headers.pop("x-delivery-count", None)
-        key = (envelope.headers.get("id") or envelope.properties.get("correlation_id")
-               or envelope.properties.get("message_id"))
+        key = (
+            envelope.headers.get("id")
+            or envelope.properties.get("correlation_id")
+            or envelope.properties.get("message_id")
+        )
         redelivered = bool(info.get("redelivered"))
-        count = self._counter.count(arrival.queue, key if isinstance(key, str) else None,
-                                    redelivered, quorum_count)
+        count = self._counter.count(
+            arrival.queue, key if isinstance(key, str) else None, redelivered, quorum_count
+        )
         tag = f"{arrival.generation}.{info['delivery_tag']}"
         with self.consuming.cond:
-            self.consuming.held[tag] = Held(arrival.queue, arrival.generation,
-                                            time.monotonic())
-        return Delivery(envelope=envelope, queue=arrival.queue, tag=tag,
-                        exchange=str(info.get("exchange") or ""),
-                        routing_key=str(info.get("routing_key") or ""),
-                        redelivered=redelivered, delivery_count=count,
-                        broker_data=(arrival.generation, int(info["delivery_tag"])))
+            self.consuming.held[tag] = Held(arrival.queue, arrival.generation, time.monotonic())
+        return Delivery(
+            envelope=envelope,
+            queue=arrival.queue,
+            tag=tag,
+            exchange=str(info.get("exchange") or ""),
+            routing_key=str(info.get("routing_key") or ""),
+            redelivered=redelivered,
+            delivery_count=count,
+            broker_data=(arrival.generation, int(info["delivery_tag"])),
+        )
 
     def _release(self, delivery: Delivery) -> tuple[int, int] | None:
         """Forget a held delivery; its (generation, tag) if its channel is still open."""
@@ -246,10 +303,17 @@ class AmqpBroker(Broker):
             consuming.held.pop(delivery.tag, None)
             current = generation == consuming.generation
         if not current:
-            logger.debug("Ignoring a settle of delivery %s: its channel is closed and "
-                         "RabbitMQ delivers the message again", delivery.tag)
+            logger.debug(
+                "Ignoring a settle of delivery %s: its channel is closed and "
+                "RabbitMQ delivers the message again",
+                delivery.tag,
+            )
             return None
         return generation, tag
+
+    def set_prefetch(self, count: int) -> None:
+        """``basic.qos`` of the consuming channel: the worker's window, exactly."""
+        self.consuming.set_prefetch(count)
 
     def ack(self, delivery: Delivery) -> None:
         found = self._release(delivery)
@@ -270,15 +334,19 @@ class AmqpBroker(Broker):
             return
         native = "x-dead-letter-exchange" in self.topology.queue_arguments(delivery.queue)
         if native or not self.dead_letter_queues:
-            logger.warning("Rejected a message from %r without requeue (%s)%s",
-                           delivery.queue, reason or "no reason given",
-                           "; RabbitMQ dead-letters it" if native else "; it is dropped")
+            logger.warning(
+                "Rejected a message from %r without requeue (%s)%s",
+                delivery.queue,
+                reason or "no reason given",
+                "; RabbitMQ dead-letters it" if native else "; it is dropped",
+            )
             self.consuming.settle("reject", tag, generation)
             return
         dead = dead_letter_queue(delivery.queue)
         self.io.call(lambda conn: self.topology.apply(QueueSpec(dead)))
         message, size = build_message(
-            delivery.envelope, frame_max=self.io.frame_max or DEFAULT_FRAME_MAX,
+            delivery.envelope,
+            frame_max=self.io.frame_max or DEFAULT_FRAME_MAX,
             extra_headers={
                 "x-conveyor-dead-reason": reason,
                 "x-conveyor-dead-queue": delivery.queue,
@@ -286,10 +354,20 @@ class AmqpBroker(Broker):
                 "x-conveyor-dead-routing-key": delivery.routing_key,
                 "x-conveyor-dead-deliveries": delivery.delivery_count,
                 "x-conveyor-dead-at": time.time(),
-            })
-        self.publisher.send([Outgoing(message, DEFAULT_EXCHANGE, dead, size,
-                                      still_wanted=self._still_current(generation))],
-                            wait=True)
+            },
+        )
+        self.publisher.send(
+            [
+                Outgoing(
+                    message,
+                    DEFAULT_EXCHANGE,
+                    dead,
+                    size,
+                    still_wanted=self._still_current(generation),
+                )
+            ],
+            wait=True,
+        )
         self.consuming.settle("ack", tag, generation)
 
     def _still_current(self, generation: int) -> Any:
@@ -301,15 +379,23 @@ class AmqpBroker(Broker):
         limit = self.consumer_timeout * 0.8
         now = time.monotonic()
         with self.consuming.cond:
-            late = [(delivery, now - held.since) for delivery in deliveries
-                    if (held := self.consuming.held.get(delivery.tag)) is not None
-                    and now - held.since > limit and delivery.tag not in self._warned]
+            late = [
+                (delivery, now - held.since)
+                for delivery in deliveries
+                if (held := self.consuming.held.get(delivery.tag)) is not None
+                and now - held.since > limit
+                and delivery.tag not in self._warned
+            ]
             self._warned.update(delivery.tag for delivery, _ in late)
         for delivery, age in late:
             logger.warning(
                 "A message from %r has been held unacknowledged for %.0fs; RabbitMQ's "
                 "consumer_timeout (%.0fs by default) will close the channel and deliver "
-                "it again (docs/amqp.md)", delivery.queue, age, self.consumer_timeout)
+                "it again (docs/amqp.md)",
+                delivery.queue,
+                age,
+                self.consumer_timeout,
+            )
 
     def defer(self, delivery: Delivery, until: float) -> None:
         found = self._release(delivery)
@@ -320,23 +406,35 @@ class AmqpBroker(Broker):
         key = (DEFAULT_EXCHANGE, delivery.queue)
         if key not in self._landings:
             self._check_destinations([(delivery.envelope, *key)], delayed=True)
-        message, size = build_message(delivery.envelope,
-                                       frame_max=self.io.frame_max or DEFAULT_FRAME_MAX)
+        message, size = build_message(
+            delivery.envelope,
+            frame_max=self.io.frame_max or DEFAULT_FRAME_MAX,
+            per_message_ttl=self.per_message_ttl,
+        )
         if millis:
             exchange = self.chain.entry
             routing_key = self.chain.routing_key(self._landings[key], millis)
             with self._delayed_lock:
-                heapq.heappush(self._delayed.setdefault(delivery.queue, []),
-                               time.monotonic() + millis / 1000)
+                heapq.heappush(
+                    self._delayed.setdefault(delivery.queue, []), time.monotonic() + millis / 1000
+                )
         else:
             exchange, routing_key = key
         # The original is acked only once RabbitMQ confirmed the copy: never lost between
         # the two steps. If the channel dies first, the original comes back instead and
         # the copy is not sent again.
-        self.publisher.send([Outgoing(
-            message, exchange, routing_key, size,
-            on_confirmed=lambda: self.consuming.settle("ack", tag, generation),
-            still_wanted=self._still_current(generation))])
+        self.publisher.send(
+            [
+                Outgoing(
+                    message,
+                    exchange,
+                    routing_key,
+                    size,
+                    on_confirmed=lambda: self.consuming.settle("ack", tag, generation),
+                    still_wanted=self._still_current(generation),
+                )
+            ]
+        )
 
     # -- administration ------------------------------------------------------------------------
     def purge(self, queue: str) -> int:
@@ -347,8 +445,9 @@ class AmqpBroker(Broker):
         with consuming.cond:
             buffered = list(consuming.take_all(queue))
         for arrival in buffered:
-            consuming.settle("ack", int(arrival.message.delivery_info["delivery_tag"]),
-                             arrival.generation)
+            consuming.settle(
+                "ack", int(arrival.message.delivery_info["delivery_tag"]), arrival.generation
+            )
         return purged + len(buffered)
 
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
@@ -379,13 +478,15 @@ class AmqpBroker(Broker):
         for name, ready, dead in found:
             if ready is None and queues is None:
                 continue
-            result.append(QueueStats(
-                name,
-                ready=(ready or 0) + buffered.get(name, 0),
-                delayed=self._delayed_count(name),
-                leased=leased.get(name, 0),
-                dead=dead,
-            ))
+            result.append(
+                QueueStats(
+                    name,
+                    ready=(ready or 0) + buffered.get(name, 0),
+                    delayed=self._delayed_count(name),
+                    leased=leased.get(name, 0),
+                    dead=dead,
+                )
+            )
         return result
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[Any]:
@@ -416,8 +517,9 @@ class AmqpBroker(Broker):
             routing_key = str(headers.pop("x-conveyor-dead-routing-key", ""))
             count = headers.pop("x-conveyor-dead-deliveries", 1)
             at = headers.pop("x-conveyor-dead-at", 0.0)
-            letters.append(DeadLetter(envelope, source, exchange, routing_key,
-                                      int(count), reason, float(at)))
+            letters.append(
+                DeadLetter(envelope, source, exchange, routing_key, int(count), reason, float(at))
+            )
         return letters
 
     def wake(self) -> None:
@@ -433,8 +535,9 @@ class AmqpBroker(Broker):
         self._closed = True
         _OPEN.discard(self)
         if self.io.connected and not self.publisher.flush(self.close_timeout):
-            logger.error("Closing with %d published messages RabbitMQ never confirmed; "
-                         "they may be lost", self.publisher.unconfirmed)
+            logger.error(
+                "Closing with %d published messages RabbitMQ never confirmed; they may be lost",
+                self.publisher.unconfirmed,
+            )
         self.consuming.wake()
         self.io.close()
-

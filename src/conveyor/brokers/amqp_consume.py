@@ -104,6 +104,8 @@ class Consuming:
         self.channel: Any = None
         self.consuming: set[str] = set()
         self.prefetch = 0
+        self.fixed_prefetch: int | None = None
+        """Set by the worker (``set_prefetch``): then the prefetch no longer adapts."""
         self._wanted: dict[str, None] = {}
         self._tags: dict[str, str] = {}
         self._arrivals: list[Arrival] = []
@@ -131,21 +133,35 @@ class Consuming:
                 "RabbitMQ's consumer_timeout closed the consuming channel (%s): a message "
                 "stayed unacknowledged too long. The %d messages this process held go "
                 "back to their queues and will be delivered again; long acks_late tasks "
-                "need a larger consumer_timeout on the server (docs/amqp.md)", text, held)
+                "need a larger consumer_timeout on the server (docs/amqp.md)",
+                text,
+                held,
+            )
         else:
-            logger.warning("RabbitMQ closed the consuming channel (%s %s); %d held messages "
-                           "go back to their queues; consuming again", code, text, held)
+            logger.warning(
+                "RabbitMQ closed the consuming channel (%s %s); %d held messages "
+                "go back to their queues; consuming again",
+                code,
+                text,
+                held,
+            )
         self._new_generation()
         self._setup(channel, self.prefetch)
 
     def work(self) -> bool:
         channel = self.channel
+        fixed = self.fixed_prefetch
+        if channel is not None and fixed is not None and fixed != self.prefetch:
+            self._apply_prefetch(fixed)
         settles = self._settles
         while settles:
             generation, tag, action = settles.popleft()
             if channel is None or generation != self.generation:
-                logger.debug("Not settling delivery %s of a closed channel (%s): RabbitMQ "
-                             "delivers it again", tag, action)
+                logger.debug(
+                    "Not settling delivery %s of a closed channel (%s): RabbitMQ delivers it again",
+                    tag,
+                    action,
+                )
                 continue
             if action == "ack":
                 channel.basic_ack(tag)
@@ -191,8 +207,9 @@ class Consuming:
         self.prefetch = prefetch
 
     def _consume(self, name: str) -> None:
-        tag = self.channel.basic_consume(name, no_ack=False, callback=self._on_message,
-                                         on_cancel=self._on_cancel)
+        tag = self.channel.basic_consume(
+            name, no_ack=False, callback=self._on_message, on_cancel=self._on_cancel
+        )
         self._tags[tag] = name
         self.consuming.add(name)
 
@@ -205,8 +222,7 @@ class Consuming:
         name = self._tags.pop(tag, None)
         if name is not None:
             self.consuming.discard(name)
-            logger.warning("RabbitMQ cancelled the consumer of queue %r (was it deleted?)",
-                           name)
+            logger.warning("RabbitMQ cancelled the consumer of queue %r (was it deleted?)", name)
 
     def ensure_io(self, connection: Any, names: Sequence[str], prefetch: int) -> list[str]:
         """Consume from every named queue that exists; return the names that don't."""
@@ -214,7 +230,9 @@ class Consuming:
             self._wanted[name] = None
         if self.channel is None:
             self._setup(connection.channel(), prefetch)
-        elif prefetch > self.prefetch:
+        elif prefetch > self.prefetch or (
+            self.fixed_prefetch is not None and prefetch != self.prefetch
+        ):
             self._apply_prefetch(prefetch)
         missing: list[str] = []
         for name in names:
@@ -242,11 +260,20 @@ class Consuming:
         self.after_io()
 
     # -- callers ------------------------------------------------------------------------------
+    def set_prefetch(self, count: int) -> None:
+        self.fixed_prefetch = max(1, min(MAX_PREFETCH, count))
+        self.io.wake()  # applied by ``work`` if the channel is open, else when it opens
+
     def ensure(self, names: Sequence[str], prefetch: int) -> list[str]:
         prefetch = min(MAX_PREFETCH, prefetch)
         consuming = self.consuming
-        if self.channel is not None and prefetch <= self.prefetch and all(
-                name in consuming for name in names):
+        if self.fixed_prefetch is not None:
+            prefetch = self.fixed_prefetch
+        if (
+            self.channel is not None
+            and prefetch <= self.prefetch
+            and all(name in consuming for name in names)
+        ):
             return []
         return self.io.call(lambda conn: self.ensure_io(conn, names, prefetch))
 
@@ -302,8 +329,9 @@ class Consuming:
         left in its window, so this is its window. Messages RabbitMQ pushed for queues
         this fetch does not read don't use up its window.
         """
-        elsewhere = sum(len(buffer) for name, buffer in self._buffers.items()
-                        if name not in names)
+        if self.fixed_prefetch is not None:
+            return self.fixed_prefetch
+        elsewhere = sum(len(buffer) for name, buffer in self._buffers.items() if name not in names)
         return len(self.held) + elsewhere + max_messages
 
     def _fetch_now(self, names: Sequence[str], max_messages: int) -> list[Arrival]:
@@ -315,8 +343,7 @@ class Consuming:
         deadline = time.monotonic() + SETTLE_WAIT
         with self.cond:
             taken += self._take(names, max_messages - len(taken))
-            while (not taken and ready and self._has_credit()
-                   and time.monotonic() < deadline):
+            while not taken and ready and self._has_credit() and time.monotonic() < deadline:
                 self.cond.wait(deadline - time.monotonic())
                 taken += self._take(names, max_messages - len(taken))
         return taken
@@ -343,8 +370,10 @@ class Consuming:
             taken = list(buffers[0])
             buffers[0].clear()
         else:
-            pool = sorted((arrival for buffer in buffers for arrival in buffer),
-                          key=lambda arrival: (-arrival.priority, arrival.seq))
+            pool = sorted(
+                (arrival for buffer in buffers for arrival in buffer),
+                key=lambda arrival: (-arrival.priority, arrival.seq),
+            )
             taken = pool[:max_messages]
             chosen = {id(arrival) for arrival in taken}
             for buffer in buffers:

@@ -103,8 +103,14 @@ class DelayChain:
         for i in range(LEVELS):
             name = self.level(i)
             onward = self.level(i - 1) if i else self.due
-            specs.append(QueueSpec(name, arguments=self._arguments({
-                "x-message-ttl": 2**i, "x-dead-letter-exchange": onward})))
+            specs.append(
+                QueueSpec(
+                    name,
+                    arguments=self._arguments(
+                        {"x-message-ttl": 2**i, "x-dead-letter-exchange": onward}
+                    ),
+                )
+            )
             specs.append(BindSpec(name, name, _bit_pattern(i, "1")))
             specs.append(BindSpec(name, onward, _bit_pattern(i, "0"), to_exchange=True))
         return specs
@@ -113,11 +119,16 @@ class DelayChain:
         """The landing id for a destination, and the declarations of its landing queue."""
         digest = hashlib.sha256(f"{exchange}\x00{routing_key}".encode()).hexdigest()[:24]
         name = f"{self.prefix}.to.{digest}"
-        queue = QueueSpec(name, arguments=self._arguments({
-            "x-message-ttl": 0,
-            "x-dead-letter-exchange": exchange,
-            "x-dead-letter-routing-key": routing_key,
-        }))
+        queue = QueueSpec(
+            name,
+            arguments=self._arguments(
+                {
+                    "x-message-ttl": 0,
+                    "x-dead-letter-exchange": exchange,
+                    "x-dead-letter-routing-key": routing_key,
+                }
+            ),
+        )
         return digest, [queue, BindSpec(self.due, name, f"{digest}.#")]
 
     @staticmethod
@@ -138,9 +149,13 @@ def strip_chain_headers(headers: dict[str, Any], chain_prefixes: tuple[str, ...]
     """
     deaths = headers.get("x-death")
     if isinstance(deaths, list):
-        kept = [entry for entry in deaths
-                if not (isinstance(entry, dict)
-                        and str(entry.get("queue", "")).startswith(chain_prefixes))]
+        kept = [
+            entry
+            for entry in deaths
+            if not (
+                isinstance(entry, dict) and str(entry.get("queue", "")).startswith(chain_prefixes)
+            )
+        ]
         if kept:
             headers["x-death"] = kept
         else:

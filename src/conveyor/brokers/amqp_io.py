@@ -119,13 +119,17 @@ class Channel(amqp.Channel):  # type: ignore[misc]  # py-amqp has no type hints
     Bodies stay bytes: a broker never decodes them.
     """
 
-    def __init__(self, connection: Any, channel_id: int | None = None,
-                 auto_decode: bool = False, on_open: Any = None) -> None:
+    def __init__(
+        self,
+        connection: Any,
+        channel_id: int | None = None,
+        auto_decode: bool = False,
+        on_open: Any = None,
+    ) -> None:
         super().__init__(connection, channel_id, auto_decode=False, on_open=on_open)
         self.closed_by_broker: tuple[int, str] | None = None
 
-    def _on_close(self, reply_code: int, reply_text: str, class_id: int,
-                  method_id: int) -> None:
+    def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
         self.closed_by_broker = (reply_code, reply_text)
         super()._on_close(reply_code, reply_text, class_id, method_id)
 
@@ -256,12 +260,12 @@ class AmqpIo:
             return future.result(limit)
         except FutureTimeout:
             raise BrokerUnavailable(
-                f"RabbitMQ at {self.url} did not answer within {limit:.0f}s") from None
+                f"RabbitMQ at {self.url} did not answer within {limit:.0f}s"
+            ) from None
 
     # -- the I/O thread --------------------------------------------------------------------
     def _run(self) -> None:
         delay = 0.5
-        was_connected = False
         while not self.closing():
             if self._conn is None:
                 try:
@@ -272,15 +276,16 @@ class AmqpIo:
                     self._fail_commands(exc)
                     if self.closing():
                         break
-                    logger.warning("Cannot connect to RabbitMQ at %s (%s); retrying in %.1fs",
-                                   self.url, describe(exc), delay)
+                    logger.warning(
+                        "Cannot connect to RabbitMQ at %s (%s); retrying in %.1fs",
+                        self.url,
+                        describe(exc),
+                        delay,
+                    )
                     self._sleep(delay)
                     delay = min(delay * 2, self.params.reconnect_max_delay)
                     continue
                 delay = 0.5
-                if was_connected:
-                    logger.warning("Reconnected to RabbitMQ at %s", self.url)
-                was_connected = True
             try:
                 self._turn()
             except CHANNEL_ERRORS as exc:
@@ -308,11 +313,14 @@ class AmqpIo:
             write_timeout=params.operation_timeout,
             client_properties={"connection_name": self._name, **params.client_properties},
             on_blocked=lambda reason: logger.warning(
-                "RabbitMQ blocked this connection (%s): publishing waits", reason),
+                "RabbitMQ blocked this connection (%s): publishing waits", reason
+            ),
             on_unblocked=lambda: logger.warning("RabbitMQ unblocked this connection"),
         )
         self._conn = conn
         conn.connect()
+        if self.connections:
+            logger.warning("Reconnected to RabbitMQ at %s", self.url)
         for attachment in self.attachments:
             attachment.attach(conn)
         self._next_heartbeat = time.monotonic()
@@ -393,8 +401,9 @@ class AmqpIo:
                 future.set_exception(exc)
                 self._channel_error(exc)
             except CONNECTION_ERRORS as exc:
-                future.set_exception(BrokerUnavailable(
-                    f"lost the connection to {self.url}: {describe(exc)}"))
+                future.set_exception(
+                    BrokerUnavailable(f"lost the connection to {self.url}: {describe(exc)}")
+                )
                 raise
             except BaseException as exc:  # the caller gets its own error
                 future.set_exception(exc)
@@ -415,8 +424,7 @@ class AmqpIo:
 
     def _lost(self, exc: BaseException, delay: float) -> None:
         self._last_error = exc
-        logger.warning("Broker connection lost (%s); reconnecting in %.1fs",
-                       describe(exc), delay)
+        logger.warning("Broker connection lost (%s); reconnecting in %.1fs", describe(exc), delay)
         self._drop_connection()
         self._fail_commands(exc)
 
@@ -436,8 +444,9 @@ class AmqpIo:
         while self._commands:
             _, future = self._commands.popleft()
             if future.set_running_or_notify_cancel():
-                future.set_exception(BrokerUnavailable(
-                    f"lost the connection to {self.url}: {describe(exc)}"))
+                future.set_exception(
+                    BrokerUnavailable(f"lost the connection to {self.url}: {describe(exc)}")
+                )
 
     def _sleep(self, seconds: float) -> None:
         with self._state:

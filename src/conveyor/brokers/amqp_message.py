@@ -21,10 +21,21 @@ from conveyor.brokers.amqp_delay import strip_chain_headers
 from conveyor.envelope import Envelope
 from conveyor.errors import EncodeError
 
-PROPERTY_NAMES = frozenset({
-    "correlation_id", "reply_to", "delivery_mode", "priority", "expiration", "message_id",
-    "timestamp", "type", "user_id", "app_id", "cluster_id",
-})
+PROPERTY_NAMES = frozenset(
+    {
+        "correlation_id",
+        "reply_to",
+        "delivery_mode",
+        "priority",
+        "expiration",
+        "message_id",
+        "timestamp",
+        "type",
+        "user_id",
+        "app_id",
+        "cluster_id",
+    }
+)
 """The AMQP basic properties; other keys of ``Envelope.properties`` (what other brokers
 keep there) are not sent."""
 
@@ -33,16 +44,30 @@ FRAME_OVERHEAD = 1024
 _INT64 = 2**63
 
 
-def build_message(envelope: Envelope, *, frame_max: int,
-                  extra_headers: Mapping[str, Any] | None = None) -> tuple[Any, int]:
-    """The py-amqp message for an envelope, and the bytes it will take in the outbox."""
+def build_message(
+    envelope: Envelope,
+    *,
+    frame_max: int,
+    extra_headers: Mapping[str, Any] | None = None,
+    per_message_ttl: bool = False,
+) -> tuple[Any, int]:
+    """The py-amqp message for an envelope, and the bytes it will take in the outbox.
+
+    A task message's ``expiration`` (the per-message TTL Celery derives from ``expires``)
+    is not sent unless ``per_message_ttl``: RabbitMQ would drop the message unseen once
+    it expires, so no REVOKED state is stored and a chord waiting for it never finishes.
+    The ``expires`` header is enough for every worker, Celery's included.
+    """
     headers = dict(envelope.headers)
     if extra_headers:
         headers.update(extra_headers)
     properties: dict[str, Any] = {
-        key: value for key, value in envelope.properties.items()
+        key: value
+        for key, value in envelope.properties.items()
         if key in PROPERTY_NAMES and value is not None
     }
+    if not per_message_ttl and headers.get("expires") is not None:
+        properties.pop("expiration", None)
     properties.setdefault("delivery_mode", PERSISTENT)
     if "expiration" in properties:
         properties["expiration"] = str(properties["expiration"])
@@ -89,7 +114,8 @@ def _check_frame(message: Any, frame_max: int) -> None:
     if size + FRAME_OVERHEAD > frame_max:
         raise EncodeError(
             f"message headers take {size} bytes, more than RabbitMQ's frame_max "
-            f"({frame_max}): keep header values (argsrepr, kwargsrepr) short")
+            f"({frame_max}): keep header values (argsrepr, kwargsrepr) short"
+        )
 
 
 def _estimate(value: Any, where: str, depth: int = 0) -> int:
@@ -109,12 +135,13 @@ def _estimate(value: Any, where: str, depth: int = 0) -> int:
     if isinstance(value, datetime.datetime):
         return 10
     if isinstance(value, Mapping):
-        return 6 + sum(len(str(key)) + 2 + _estimate(item, f"{where}[{key!r}]", depth + 1)
-                       for key, item in value.items())
+        return 6 + sum(
+            len(str(key)) + 2 + _estimate(item, f"{where}[{key!r}]", depth + 1)
+            for key, item in value.items()
+        )
     if isinstance(value, (list, tuple)):
         return 6 + sum(_estimate(item, where, depth + 1) for item in value)
-    raise EncodeError(
-        f"{where}: a {type(value).__name__} cannot be sent as an AMQP header value")
+    raise EncodeError(f"{where}: a {type(value).__name__} cannot be sent as an AMQP header value")
 
 
 class _ReplyAddresses:

@@ -56,8 +56,9 @@ class Outgoing:
 class Publisher:
     """The publishing channel of a connection, and the outbox of unconfirmed messages."""
 
-    def __init__(self, io: AmqpIo, *, window: int = 1000,
-                 window_bytes: int = 32 * 1024 * 1024) -> None:
+    def __init__(
+        self, io: AmqpIo, *, window: int = 1000, window_bytes: int = 32 * 1024 * 1024
+    ) -> None:
         self.io = io
         self.window = max(1, window)
         self.window_bytes = max(1, window_bytes)
@@ -70,8 +71,9 @@ class Publisher:
         self._bytes = 0
 
     # -- callers -----------------------------------------------------------------------------
-    def send(self, items: Sequence[Outgoing], *, wait: bool = False,
-             timeout: float | None = None) -> None:
+    def send(
+        self, items: Sequence[Outgoing], *, wait: bool = False, timeout: float | None = None
+    ) -> None:
         """Hand messages to the I/O thread; with ``wait``, return once all are confirmed."""
         if not items:
             return
@@ -82,13 +84,15 @@ class Publisher:
             for item in items:
                 item.done = Future()
         with self._space:
-            while self._count and (self._count + len(items) > self.window
-                                   or self._bytes + size > self.window_bytes):
+            while self._count and (
+                self._count + len(items) > self.window or self._bytes + size > self.window_bytes
+            ):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BrokerUnavailable(
                         f"{self._count} published messages still wait for RabbitMQ's "
-                        f"confirm after {limit:.0f}s")
+                        f"confirm after {limit:.0f}s"
+                    )
                 self._space.wait(left)
             self._count += len(items)
             self._bytes += size
@@ -101,7 +105,8 @@ class Publisher:
                     item.done.result(max(0.0, deadline - time.monotonic()))
                 except FutureTimeout:
                     raise BrokerUnavailable(
-                        f"RabbitMQ did not confirm a publish within {limit:.0f}s") from None
+                        f"RabbitMQ did not confirm a publish within {limit:.0f}s"
+                    ) from None
 
     def flush(self, timeout: float) -> bool:
         """Wait until every message handed over so far is confirmed; False on timeout."""
@@ -137,8 +142,13 @@ class Publisher:
     def channel_closed(self, channel: Any, code: int, text: str) -> None:
         if channel is not self.channel:
             return
-        logger.error("RabbitMQ closed the publishing channel (%s %s); sending the %d "
-                     "unconfirmed messages again", code, text, len(self._outbox))
+        logger.error(
+            "RabbitMQ closed the publishing channel (%s %s); sending the %d "
+            "unconfirmed messages again",
+            code,
+            text,
+            len(self._outbox),
+        )
         channel.events["basic_ack"].discard(self._on_ack)
         channel.events["basic_nack"].discard(self._on_nack)
         self._setup(channel)
@@ -154,8 +164,9 @@ class Publisher:
                 self._drop(item)
                 continue
             try:
-                channel.basic_publish(item.message, exchange=item.exchange,
-                                      routing_key=item.routing_key)
+                channel.basic_publish(
+                    item.message, exchange=item.exchange, routing_key=item.routing_key
+                )
             except BaseException:
                 self._queue.appendleft(item)  # not confirmed: it goes out again
                 raise
@@ -200,12 +211,16 @@ class Publisher:
             item.attempts += 1
             (retry if item.attempts < MAX_ATTEMPTS else failed).append(item)
         if retry:
-            logger.warning("RabbitMQ refused %d published messages (basic.nack); "
-                           "sending them again", len(retry))
+            logger.warning(
+                "RabbitMQ refused %d published messages (basic.nack); sending them again",
+                len(retry),
+            )
             self._queue.extendleft(reversed(retry))
         for item in failed:
-            error = BrokerError(f"RabbitMQ refused a message for exchange {item.exchange!r} "
-                                f"(routing key {item.routing_key!r}) {MAX_ATTEMPTS} times")
+            error = BrokerError(
+                f"RabbitMQ refused a message for exchange {item.exchange!r} "
+                f"(routing key {item.routing_key!r}) {MAX_ATTEMPTS} times"
+            )
             if item.done is not None:
                 item.done.set_exception(error)
             else:
@@ -224,8 +239,9 @@ class Publisher:
             else:
                 self._drop(item)
         if kept:
-            logger.warning("Sending %d messages again: their confirms were lost with the "
-                           "connection", len(kept))
+            logger.warning(
+                "Sending %d messages again: their confirms were lost with the connection", len(kept)
+            )
             self._queue.extendleft(reversed(kept))
 
     def _drop(self, item: Outgoing) -> None:

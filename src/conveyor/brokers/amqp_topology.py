@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from amqp import exceptions as amqp_errors  # type: ignore[import-untyped]
-
 from conveyor.brokers.amqp_delay import BindSpec, DelayChain, ExchangeSpec, QueueSpec, Spec
 from conveyor.errors import BrokerError, ConfigurationError, RoutingError
 from conveyor.routing import DEFAULT_EXCHANGE, Binding, Exchange, Queue, route
@@ -89,18 +88,24 @@ class Topology:
             if queue.exclusive or queue.auto_delete or not queue.durable:
                 raise ConfigurationError(
                     f"queue {queue.name!r}: quorum queues are durable, never exclusive "
-                    "or auto-delete")
+                    "or auto-delete"
+                )
             if "x-max-priority" in arguments:
                 raise ConfigurationError(
                     f"queue {queue.name!r}: RabbitMQ quorum queues have no priorities "
-                    "(x-max-priority); use a classic queue for priorities")
-        return QueueSpec(queue.name, queue.durable, queue.exclusive, queue.auto_delete,
-                         arguments)
+                    "(x-max-priority); use a classic queue for priorities"
+                )
+        return QueueSpec(queue.name, queue.durable, queue.exclusive, queue.auto_delete, arguments)
 
     @staticmethod
     def exchange_spec(exchange: Exchange) -> ExchangeSpec:
-        return ExchangeSpec(exchange.name, exchange.type, exchange.durable,
-                            exchange.auto_delete, dict(exchange.arguments))
+        return ExchangeSpec(
+            exchange.name,
+            exchange.type,
+            exchange.durable,
+            exchange.auto_delete,
+            dict(exchange.arguments),
+        )
 
     # -- declaring (I/O thread) ------------------------------------------------------------
     def declare_exchange(self, exchange: Exchange) -> None:
@@ -122,12 +127,14 @@ class Topology:
         if binding.exchange == DEFAULT_EXCHANGE:
             return  # every queue is bound to the nameless exchange; binding it is refused
         if not self.exchange_exists(binding.exchange):
-            raise RoutingError(f"cannot bind queue {binding.queue!r}: exchange "
-                               f"{binding.exchange!r} does not exist")
+            raise RoutingError(
+                f"cannot bind queue {binding.queue!r}: exchange {binding.exchange!r} does not exist"
+            )
         if ensure_queue:
             self.ensure_queue(binding.queue)
-        self.apply(BindSpec(binding.exchange, binding.queue, binding.routing_key,
-                            dict(binding.arguments)))
+        self.apply(
+            BindSpec(binding.exchange, binding.queue, binding.routing_key, dict(binding.arguments))
+        )
 
     def ensure_queue(self, name: str) -> None:
         """Make sure a queue exists; create it as Celery would (durable, no arguments)."""
@@ -162,21 +169,31 @@ class Topology:
         channel = self.channel
         try:
             if isinstance(spec, ExchangeSpec):
-                channel.exchange_declare(spec.name, spec.type, durable=spec.durable,
-                                         auto_delete=spec.auto_delete,
-                                         arguments=spec.arguments)
+                channel.exchange_declare(
+                    spec.name,
+                    spec.type,
+                    durable=spec.durable,
+                    auto_delete=spec.auto_delete,
+                    arguments=spec.arguments,
+                )
                 self._exchanges[spec.name] = spec.type
             elif isinstance(spec, QueueSpec):
-                channel.queue_declare(spec.name, durable=spec.durable,
-                                      exclusive=spec.exclusive, auto_delete=spec.auto_delete,
-                                      arguments=spec.arguments)
+                channel.queue_declare(
+                    spec.name,
+                    durable=spec.durable,
+                    exclusive=spec.exclusive,
+                    auto_delete=spec.auto_delete,
+                    arguments=spec.arguments,
+                )
                 self._queues[spec.name] = spec
             elif spec.to_exchange:
-                channel.exchange_bind(spec.destination, spec.source, spec.routing_key,
-                                      arguments=spec.arguments)
+                channel.exchange_bind(
+                    spec.destination, spec.source, spec.routing_key, arguments=spec.arguments
+                )
             else:
-                channel.queue_bind(spec.destination, spec.source, spec.routing_key,
-                                   arguments=spec.arguments)
+                channel.queue_bind(
+                    spec.destination, spec.source, spec.routing_key, arguments=spec.arguments
+                )
         except amqp_errors.ChannelError as exc:
             _forget_close(channel)
             raise _declaration_error(spec, exc) from exc
@@ -188,16 +205,16 @@ class Topology:
     def knows_queue(self, name: str) -> bool:
         return name in self._queues
 
-    def local_route(self, exchange: str, routing_key: str,
-                    headers: Mapping[str, Any]) -> list[str]:
+    def local_route(self, exchange: str, routing_key: str, headers: Mapping[str, Any]) -> list[str]:
         """The queues ``exchange`` routes to by the bindings *this* broker declared."""
         kind = self._exchanges.get(exchange)
         if kind is None or kind == "?":
             return []
-        bindings = [Binding(spec.source, spec.destination, spec.routing_key, spec.arguments)
-                    for spec in self._declared.values()
-                    if isinstance(spec, BindSpec) and not spec.to_exchange
-                    and spec.source == exchange]
+        bindings = [
+            Binding(spec.source, spec.destination, spec.routing_key, spec.arguments)
+            for spec in self._declared.values()
+            if isinstance(spec, BindSpec) and not spec.to_exchange and spec.source == exchange
+        ]
         return route(kind, bindings, routing_key, headers)
 
     # -- passive checks (I/O thread) -------------------------------------------------------
@@ -248,8 +265,14 @@ def _key(spec: Spec) -> tuple[str, ...]:
         return ("exchange", spec.name)
     if isinstance(spec, QueueSpec):
         return ("queue", spec.name)
-    return ("bind", spec.source, spec.destination, spec.routing_key,
-            repr(sorted(spec.arguments.items())), str(spec.to_exchange))
+    return (
+        "bind",
+        spec.source,
+        spec.destination,
+        spec.routing_key,
+        repr(sorted(spec.arguments.items())),
+        str(spec.to_exchange),
+    )
 
 
 def _declaration_error(spec: Spec, exc: amqp_errors.ChannelError) -> Exception:
@@ -264,7 +287,8 @@ def _declaration_error(spec: Spec, exc: amqp_errors.ChannelError) -> Exception:
     if code == PRECONDITION_FAILED:
         return ConfigurationError(
             f"RabbitMQ refused to declare {what}: it exists with other attributes "
-            f"({text}); declare it exactly as its other users do, or delete it")
+            f"({text}); declare it exactly as its other users do, or delete it"
+        )
     if code == NOT_FOUND:
         return RoutingError(f"cannot declare {what}: {text}")
     return BrokerError(f"RabbitMQ refused to declare {what}: {text}")

@@ -48,6 +48,9 @@ class Broker(ABC):
     scheme: str = ""
     supports_priority: bool = True
     native_delay: bool = True
+    lists_queues: bool = True
+    """False where the protocol cannot enumerate queues (AMQP 0-9-1): ``stats()`` without
+    names then covers only the queues this broker object declared or used."""
 
     def __init__(self, url: str, *, visibility_timeout: float = 3600.0) -> None:
         self.url = url
@@ -87,6 +90,12 @@ class Broker(ABC):
     def fetch(
         self, queues: Sequence[str], max_messages: int, timeout: float
     ) -> list[Delivery]: ...
+
+    def set_prefetch(self, count: int) -> None:  # noqa: B027 - only push brokers need it
+        """How many messages the consumer may hold unsettled (the worker's window:
+        concurrency x ``worker_prefetch_multiplier``). Brokers that push messages to the
+        consumer (AMQP ``basic.qos``) use it; without it they size prefetch from ``fetch``'s
+        ``max_messages``."""
 
     @abstractmethod
     def ack(self, delivery: Delivery) -> None: ...

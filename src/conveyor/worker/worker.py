@@ -125,6 +125,7 @@ class Worker:
     def start(self) -> None:
         self._declare_with_retry()
         self.pool.start()
+        self.app.broker.set_prefetch(self.window())
         logger.info("%s ready: pool=%s concurrency=%s queues=%s broker=%s", self.hostname,
                     self.pool.name, self.pool.size(), ",".join(self.queue_names),
                     redact_url(self.app.conf.broker_url))
@@ -272,6 +273,8 @@ class Worker:
             logger.info("Autoscale: shrinking the pool by %d", -delta)
             self.pool.shrink(-delta)
             self._idle_since = now
+        if delta:
+            self.app.broker.set_prefetch(self.window())
 
     # -- shutdown --------------------------------------------------------------------------
     def shutdown(self) -> None:
