@@ -134,14 +134,14 @@ def tables(run: Run) -> str:
 def failures(run: Run) -> str:
     if not run.results.errors:
         return ""
-    lines = ["### Failures", "", "The first line of each error (the last repetition's):", ""]
-    seen: set[tuple[str, str, str]] = set()
-    for (broker, system, metric), error in sorted(run.results.errors.items()):
-        key = (broker, system, _clean(error, 300))
-        if key in seen:
-            continue
-        seen.add(key)
-        lines.append(f"- {broker} / {system} ({metric} and others): {_clean(error, 300)}")
+    # One line per distinct error, naming every metric it cost.
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for (broker, system, metric), error in run.results.errors.items():
+        grouped.setdefault((broker, system, _clean(error, 300)), []).append(metric)
+    lines = ["### Failures", "",
+             "The first line of each error (the latest one for each metric):", ""]
+    for (broker, system, error), metrics in sorted(grouped.items()):
+        lines.append(f"- {broker} / {system} ({', '.join(metrics)}): {error}")
     return "\n".join(lines)
 
 
@@ -353,9 +353,12 @@ def chart(run: Run, path: Path) -> None:
             if not xs:
                 continue
             label = "redis-py (bare)" if system == BASELINE else system
-            bars = axis.bar(xs, heights, width, yerr=[low, high], capsize=3, label=label,
-                            color=COLORS[system])
-            axis.bar_label(bars, labels=[_rate(h) for h in heights], fontsize=7, padding=2)
+            axis.bar(xs, heights, width, yerr=[low, high], capsize=3, label=label,
+                     color=COLORS[system], error_kw={"elinewidth": 1})
+            for x, height, up in zip(xs, heights, high, strict=True):
+                # Above the error bar's cap, where the value never hides behind it.
+                axis.annotate(_rate(height), (x, height + up), xytext=(0, 3),
+                              textcoords="offset points", ha="center", fontsize=7)
         axis.set_xticks(range(len(run.brokers)), run.brokers)
         axis.set_title(title, fontsize=10)
         axis.set_ylabel("tasks/s")

@@ -21,6 +21,7 @@ import json
 import os
 import queue as queue_module
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,6 +98,7 @@ class Results:
         default_factory=lambda: defaultdict(list))
     errors: dict[tuple[str, str, str], str] = field(default_factory=dict)
     attempted: list[tuple[str, str]] = field(default_factory=list)
+    rep: int = 1  # the repetition under way, named in error texts
 
     def add(self, broker: str, system: str, metric: str, value: float) -> None:
         self.samples[(broker, system, metric)].append(value)
@@ -104,7 +106,7 @@ class Results:
     def fail(self, broker: str, system: str, metrics: tuple[str, ...] | str,
              error: str) -> None:
         for metric in (metrics,) if isinstance(metrics, str) else metrics:
-            self.errors[(broker, system, metric)] = error
+            self.errors[(broker, system, metric)] = f"rep {self.rep}: {error}"
 
     def attempt(self, broker: str, system: str) -> None:
         if (broker, system) not in self.attempted:
@@ -485,23 +487,28 @@ def run(profile: Profile, brokers: list[str], systems: list[str], log: Any) -> R
     started = time.time()
     load_at_start = os.getloadavg()[0]
     queue_names: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="conveyor-bench-") as tmp:
-        workdir = Path(tmp)
-        try:
-            for rep in range(1, profile.reps + 1):
-                for broker in live:
-                    if broker == "redis":
-                        log(f"[rep {rep}/{profile.reps}] {broker} / {BASELINE} (bare client)")
-                        run_baseline(results, profile, run_id, log)
-                    for system in systems:
-                        if broker not in SUPPORTED[system]:
-                            continue
-                        names = Names.for_cell(run_id, rep, system)
-                        queue_names += [names.queue, names.bulk, names.io]
-                        log(f"[rep {rep}/{profile.reps}] {broker} / {system}")
-                        run_cell(results, profile, broker, system, rep, run_id, workdir, log)
-        finally:
-            cleanup(run_id, queue_names)
+    # SQLite databases and every worker's and driver's log; kept only if something failed.
+    workdir = Path(tempfile.mkdtemp(prefix=f"conveyor-bench-{run_id}-"))
+    try:
+        for rep in range(1, profile.reps + 1):
+            results.rep = rep
+            for broker in live:
+                if broker == "redis":
+                    log(f"[rep {rep}/{profile.reps}] {broker} / {BASELINE} (bare client)")
+                    run_baseline(results, profile, run_id, log)
+                for system in systems:
+                    if broker not in SUPPORTED[system]:
+                        continue
+                    names = Names.for_cell(run_id, rep, system)
+                    queue_names += [names.queue, names.bulk, names.io]
+                    log(f"[rep {rep}/{profile.reps}] {broker} / {system}")
+                    run_cell(results, profile, broker, system, rep, run_id, workdir, log)
+    finally:
+        cleanup(run_id, queue_names)
+        if results.errors:
+            log(f"logs of every worker and driver kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     return Run(profile, live, systems, results, started, time.time(), run_id, skipped,
                [load_at_start, os.getloadavg()[0]])
 
