@@ -210,9 +210,13 @@ class Consumer:
         with self.lock:
             self.running.pop(job.seq, None)
             self.ready.appendleft(job)
+            self.lock.notify_all()
 
     # -- completion ------------------------------------------------------------------------
     def finished(self, job: Job, result: JobResult) -> None:
+        if result.extra.get("not_started"):
+            self.not_started(job)  # its process ended first: it runs on another slot
+            return
         with self.lock:
             self.running.pop(job.seq, None)
             delivery = self.held.pop(job.seq, None)

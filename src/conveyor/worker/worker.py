@@ -96,11 +96,11 @@ class Worker:
             from conveyor.worker.pools.threads import SoloPool, ThreadsPool
 
             cls = SoloPool if name == "solo" else ThreadsPool
-            return cls(self.app, size, self._on_result)
+            return cls(self.app, size, self._on_result, self._on_started)
         if name == "asyncio":
             from conveyor.worker.pools.aio import AsyncioPool
 
-            return AsyncioPool(self.app, size, self._on_result)
+            return AsyncioPool(self.app, size, self._on_result, self._on_started)
         if name == "prefork":
             if app_spec is None:
                 raise ConfigurationError(
@@ -108,7 +108,7 @@ class Worker:
                     "import path (-A module:app), or use pool='threads' or 'solo'")
             from conveyor.worker.pools.prefork import PreforkPool
 
-            return PreforkPool(app_spec, size, self._on_result,
+            return PreforkPool(app_spec, size, self._on_result, self._on_started,
                                max_tasks_per_child=max_tasks,
                                max_memory_per_child=max_memory)
         raise ConfigurationError(
@@ -235,13 +235,12 @@ class Worker:
                 self._autoscale(now)
 
     def _start_jobs(self, jobs: list[Job]) -> None:
-        started: list[Job] = []
         for job in jobs:
-            if self.pool.apply(job):
-                started.append(job)
-            else:
+            if not self.pool.apply(job):
                 self.consumer.not_started(job)
-        self.consumer.started(started)
+
+    def _on_started(self, job: Job) -> None:
+        self.consumer.started([job])
 
     def _on_result(self, job: Job, result: JobResult) -> None:
         self.consumer.finished(job, result)
@@ -287,6 +286,7 @@ class Worker:
         graceful = not self._cold.is_set()
         unfinished = self._stop_pool(graceful)
         self.consumer.release_jobs(unfinished)
+        self.consumer.release_unstarted()  # handed back by a process that ended meanwhile
         self.consumer.acker.close()
         logger.info("%s stopped after %d tasks", self.hostname, self.consumer.processed)
 

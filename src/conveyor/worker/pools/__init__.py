@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from conveyor.worker.pools.base import Pool, ResultCallback
+from conveyor.worker.pools.base import Pool, ResultCallback, StartCallback
 
-__all__ = ["POOL_NAMES", "Pool", "ResultCallback"]
+__all__ = ["POOL_NAMES", "Pool", "ResultCallback", "StartCallback"]
 
 POOL_NAMES = ("prefork", "threads", "asyncio", "solo")

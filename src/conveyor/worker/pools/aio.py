@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from conveyor import states
 from conveyor.execution import LoopRunner
 from conveyor.worker.job import Job, JobResult
-from conveyor.worker.pools.base import Pool, ResultCallback
+from conveyor.worker.pools.base import Pool, ResultCallback, StartCallback, _nothing
 from conveyor.worker.runner import arun_job
 
 if TYPE_CHECKING:
@@ -30,8 +30,9 @@ logger = logging.getLogger("conveyor.worker")
 class AsyncioPool(Pool):
     name = "asyncio"
 
-    def __init__(self, app: Conveyor, size: int, on_result: ResultCallback) -> None:
-        super().__init__(size, on_result)
+    def __init__(self, app: Conveyor, size: int, on_result: ResultCallback,
+                 on_started: StartCallback = _nothing) -> None:
+        super().__init__(size, on_result, on_started)
         self.app = app
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="conveyor-asyncio",
@@ -66,6 +67,7 @@ class AsyncioPool(Pool):
             self._running[job.seq] = job
             self._futures[job.seq] = asyncio.run_coroutine_threadsafe(self._run(job),
                                                                       self._loop)
+        self.on_started(job)
         return True
 
     def free_slots(self) -> int:

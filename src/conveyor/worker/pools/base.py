@@ -1,10 +1,13 @@
 """The pool contract.
 
-A pool runs each :class:`Job` it is given on one of its slots and reports a
-:class:`JobResult` through ``on_result``, from any thread. The worker only calls
-``apply`` when ``free_slots() > 0``. Pools that run jobs in other processes report a
-job whose process died with ``extra={"lost": True}``, and one killed at its hard time
-limit with ``extra={"time_limit": seconds}``: the worker stores those failures.
+A pool runs each :class:`Job` it is given on one of its slots and reports, from any
+thread, ``on_started(job)`` when the job really starts (early-ack messages are acked
+then) and a :class:`JobResult` through ``on_result``. The worker only calls ``apply``
+when ``free_slots() > 0``. Pools that run jobs in other processes report a job whose
+process died with ``extra={"lost": True}``, one killed at its hard time limit with
+``extra={"time_limit": seconds}`` (the worker stores those failures), and one handed
+to a process that ended before starting it with ``extra={"not_started": True}`` (the
+worker runs it elsewhere).
 """
 
 from __future__ import annotations
@@ -15,15 +18,22 @@ from collections.abc import Callable
 from conveyor.worker.job import Job, JobResult
 
 ResultCallback = Callable[[Job, JobResult], None]
+StartCallback = Callable[[Job], None]
+
+
+def _nothing(job: Job) -> None:
+    """Default ``on_started``: a pool used without a worker."""
 
 
 class Pool(ABC):
     name: str = ""
     supports_time_limits: bool = False
 
-    def __init__(self, size: int, on_result: ResultCallback) -> None:
+    def __init__(self, size: int, on_result: ResultCallback,
+                 on_started: StartCallback = _nothing) -> None:
         self.target_size = max(1, size)
         self.on_result = on_result
+        self.on_started = on_started
 
     @abstractmethod
     def start(self) -> None: ...

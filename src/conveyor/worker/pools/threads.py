@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from conveyor import states
 from conveyor.execution import LoopRunner
 from conveyor.worker.job import Job, JobResult
-from conveyor.worker.pools.base import Pool, ResultCallback
+from conveyor.worker.pools.base import Pool, ResultCallback, StartCallback, _nothing
 from conveyor.worker.runner import run_job
 
 if TYPE_CHECKING:
@@ -27,8 +27,9 @@ logger = logging.getLogger("conveyor.worker")
 class ThreadsPool(Pool):
     name = "threads"
 
-    def __init__(self, app: Conveyor, size: int, on_result: ResultCallback) -> None:
-        super().__init__(size, on_result)
+    def __init__(self, app: Conveyor, size: int, on_result: ResultCallback,
+                 on_started: StartCallback = _nothing) -> None:
+        super().__init__(size, on_result, on_started)
         self.app = app
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -84,6 +85,7 @@ class ThreadsPool(Pool):
             self._idle -= 1
             self._running[job.seq] = job
         self._jobs.put(job)
+        self.on_started(job)  # an idle thread takes it now
         return True
 
     def free_slots(self) -> int:
@@ -122,8 +124,9 @@ class ThreadsPool(Pool):
 class SoloPool(ThreadsPool):
     name = "solo"
 
-    def __init__(self, app: Conveyor, size: int, on_result: ResultCallback) -> None:
-        super().__init__(app, 1, on_result)
+    def __init__(self, app: Conveyor, size: int, on_result: ResultCallback,
+                 on_started: StartCallback = _nothing) -> None:
+        super().__init__(app, 1, on_result, on_started)
 
     def grow(self, n: int = 1) -> None:
         """The solo pool has exactly one slot."""
