@@ -215,3 +215,16 @@ def test_cold_shutdown_gives_a_running_late_ack_task_back(
     stats = app.broker.stats(["celery"])[0]
     assert (stats.ready, stats.leased) == (1, 0)
     assert result.state == states.PENDING
+
+
+def test_a_job_queued_behind_a_dying_one_runs_elsewhere(
+    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1")
+    workers.append(worker)
+    died = proc_app.die.delay()
+    behind = [proc_app.add.delay(n, n) for n in range(3)]  # some wait in the child's pipe
+    with pytest.raises(WorkerLostError):
+        died.get(timeout=20)
+    assert [r.get(timeout=20) for r in behind] == [0, 2, 4]
+    worker.stop()
