@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 import os
 import threading
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
@@ -214,6 +214,32 @@ class Conveyor:
             message = dataclasses.replace(message, priority=target.priority)
         self.producer.publish(message, target, options)
         return AsyncResult(message.id, self)
+
+    def send_many(
+        self,
+        calls: Sequence[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]],
+    ) -> list[AsyncResult[Any]]:
+        """Send many ``(name, args, kwargs, options)`` calls in one broker operation.
+
+        Calls with a countdown or eta are sent one by one (each waits its own time);
+        the rest go together: that is how a group of a thousand costs one round trip.
+        """
+        batch = []
+        results: list[AsyncResult[Any]] = []
+        for name, args, kwargs, options in calls:
+            check_options(options, CALL_OPTIONS, "send_task option")
+            if options.get("countdown") is not None or options.get("eta") is not None:
+                results.append(self.send_task(name, list(args), kwargs, **options))
+                continue
+            message = self.producer.build(name, args, kwargs, options)
+            target = self.router.resolve(name, args, kwargs, options)
+            if target.priority is not None and options.get("priority") is None:
+                message = dataclasses.replace(message, priority=target.priority)
+            batch.append((message, target, options))
+            results.append(AsyncResult(message.id, self))
+        if batch:
+            self.producer.publish_many(batch)
+        return results
 
     async def asend_task(
         self,

@@ -268,15 +268,7 @@ class group(Signature):  # noqa: N801 - Celery's name, used as a function
         call = self.clone(args, kwargs, **options)
         assert isinstance(call, group)
         result = call.freeze(options.get("group_id"))
-        shared = {k: v for k, v in call.options.items() if k not in (*MEMBERSHIP, "task_id")}
-        body = call.options.get("chord")
-        for index, member in enumerate(call.tasks):
-            if not isinstance(member, group):  # a nested group keeps its own id and indexes
-                membership: dict[str, Any] = {"group_id": result.id, "group_index": index}
-                if body is not None:
-                    membership["chord"] = body
-                attach_membership(member, membership)
-            member.apply_async(**shared)
+        send_members(call.tasks, result.id, call.options, self._require_app())
         return result
 
 
@@ -366,11 +358,30 @@ class chord(Signature):  # noqa: N801 - Celery's name, used as a function
             }, countdown=1, queue=body.options.get("queue"))
         shared = {k: v for k, v in call.options.items()
                   if k in ("queue", "priority", "expires", "countdown", "eta")}
-        for index, member in enumerate(header):
-            attach_membership(member, {"group_id": group_id, "group_index": index,
-                                       "chord": body_dict})
-            member.apply_async(**shared)
+        send_members(header, group_id, {**shared, "chord": body_dict}, app)
         return result
+
+
+def send_members(members: Sequence[Signature], group_id: str, options: Mapping[str, Any],
+                 app: Conveyor) -> None:
+    """Send a group's or a chord header's members: plain task calls together in one
+    broker operation, composite ones (chains, chords, groups) each on its own."""
+    shared = {k: v for k, v in options.items() if k not in (*MEMBERSHIP, "task_id")}
+    body = options.get("chord")
+    plain: list[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]] = []
+    for index, member in enumerate(members):
+        if not isinstance(member, group):  # a nested group keeps its own id and indexes
+            membership: dict[str, Any] = {"group_id": group_id, "group_index": index}
+            if body is not None:
+                membership["chord"] = body
+            attach_membership(member, membership)
+        if type(member) is Signature:
+            call = member.clone(**shared)
+            plain.append((call.task, call.args, call.kwargs, _send_options(call.options)))
+        else:
+            member.apply_async(**shared)
+    if plain:
+        app.send_many(plain)
 
 
 MEMBERSHIP = ("group_id", "group_index", "chord")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from conveyor import protocol
+from conveyor.envelope import Envelope
 from conveyor.errors import BrokerUnavailable
 from conveyor.outages import call_with_retry
 from conveyor.protocol import Embed, TaskHeaders, TaskMessage
@@ -107,23 +108,43 @@ class Producer:
             return ""
         return str(getattr(self.app.backend, "reply_to", "") or "")
 
-    def publish(self, message: TaskMessage, target: Target, options: Mapping[str, Any]) -> None:
+    def encode(self, message: TaskMessage, options: Mapping[str, Any]) -> Envelope:
         conf = self.app.conf
-        envelope = protocol.encode_task(
+        return protocol.encode_task(
             message,
             serializer=options.get("serializer") or conf.task_serializer,
             compression=options.get("compression") or conf.task_compression,
         )
+
+    def publish(self, message: TaskMessage, target: Target, options: Mapping[str, Any]) -> None:
+        envelope = self.encode(message, options)
         broker = self.app.broker
         self.declare(broker, target)
         delay = None
         if message.headers.eta is not None:
             delay = (message.headers.eta - datetime.now(UTC)).total_seconds()
             delay = delay if delay > 0 else None
+
         def send() -> None:
             broker.publish(envelope, exchange=target.exchange,
                            routing_key=target.routing_key, delay=delay)
 
+        self._with_retry(send, f"Publishing {message.task}[{message.id}]")
+
+    def publish_many(self, batch: Sequence[tuple[TaskMessage, Target, Mapping[str, Any]]]
+                     ) -> None:
+        """Publish calls without an eta in one broker operation (a pipeline, a
+        transaction): the bulk path of groups. Encoding fails before anything is sent."""
+        broker = self.app.broker
+        items = []
+        for message, target, options in batch:
+            items.append((self.encode(message, options), target.exchange, target.routing_key))
+            self.declare(broker, target)
+        self._with_retry(lambda: broker.publish_many(items),
+                         f"Publishing {len(items)} messages")
+
+    def _with_retry(self, send: Callable[[], None], what: str) -> None:
+        conf = self.app.conf
         if not conf.task_publish_retry:
             send()
             return
@@ -134,7 +155,7 @@ class Producer:
             first_delay=float(policy.get("interval_start", 0.0)) or float(
                 policy.get("interval_step", 0.2)),
             max_delay=float(policy.get("interval_max", 0.2)),
-            what=f"Publishing {message.task}[{message.id}]", logger=logger)
+            what=what, logger=logger)
 
 
 def _signatures(value: Any) -> list[dict[str, Any]] | None:
