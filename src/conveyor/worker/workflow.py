@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import states
 from conveyor.backends.meta import build_meta
-from conveyor.builtins import finish_chord
+from conveyor.builtins import fail_signature, finish_chord
 from conveyor.canvas import Signature, chord, signature
+from conveyor.errors import ChordError
 from conveyor.execution import Outcome
 
 if TYPE_CHECKING:
@@ -103,5 +104,12 @@ def count_chord_part(app: Conveyor, request: Request) -> None:
     if not backend.supports_counters:
         return  # celery.chord_unlock, sent with the chord, finishes it
     metas = backend.on_chord_part(request.group, request.id, request.group_index)
-    if metas is not None:
+    if metas is None:
+        return
+    try:
         finish_chord(app, body, metas, request)
+    except Exception as exc:
+        # This part won the claim: nobody else will send the body, so fail it visibly
+        # rather than leave whoever waits on it waiting forever.
+        logger.exception("Chord %s: its body could not be sent", request.group)
+        fail_signature(app, signature(body, app), ChordError(f"Callback error: {exc!r}"))
