@@ -187,13 +187,16 @@ def _server_versions() -> dict[str, str]:
     return versions
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """HEAD, and whether Conveyor's sources differ from it (others work in the same tree)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return commit
+    return f"{commit} with uncommitted changes under src/" if dirty else commit
 
 
 def machine(run: Run) -> str:
@@ -204,7 +207,7 @@ def machine(run: Run) -> str:
         f"- CPU: {os.cpu_count()} cores ({_cpu_model()}), {memory:.0f} GiB memory; "
         f"{platform.system()} {platform.release()}",
         f"- Python {platform.python_version()} ({platform.python_implementation()})",
-        f"- Conveyor {_version('conveyor')} (commit {_git_commit()}), "
+        f"- Conveyor {_version('conveyor')} (commit {run.commit or git_commit()}), "
         f"Celery {_version('celery')} (kombu {_version('kombu')}, py-amqp "
         f"{_version('amqp')}), Dramatiq {_version('dramatiq')} (pika {_version('pika')})",
         f"- redis-py {_version('redis')}, hiredis {_version('hiredis')}, "
@@ -247,8 +250,9 @@ def how_it_was_run(run: Run, argv: Sequence[str]) -> str:
         "are the tasks the drain then runs.",
         f"- **Enqueue, bulk**: {p.bulk_calls} calls of `group(noop.s() x {p.bulk_size:,})"
         ".apply_async()` (Dramatiq: `group(...).run()`) into a side queue, purged "
-        "afterwards. None of the three has a batch publish API: each group sends its "
-        "members one publish at a time, over one connection. The bare client row is "
+        "afterwards. Conveyor's `group` publishes its members in one broker operation "
+        "(`app.send_many`); Celery's and Dramatiq's send them one publish at a time over "
+        "one connection (neither has a batch publish). The bare client row is "
         f"redis-py: {p.drain_n:,} single `LPUSH`es, then pipelines of {p.bulk_size:,} "
         "(600-byte values, about a task message).",
         f"- **Drain**: with the {p.drain_n:,} no-ops queued, one worker command with 2 "

@@ -445,6 +445,7 @@ class Run:
     run_id: str
     skipped: dict[str, str]
     load: list[float] = field(default_factory=list)  # 1-minute load average, start and end
+    commit: str = ""  # the Conveyor source measured
 
     def to_json(self) -> dict[str, Any]:
         """Every sample, so tables and chart can be drawn again (``--render``)."""
@@ -452,7 +453,8 @@ class Run:
         return {
             "profile": asdict(self.profile), "brokers": self.brokers, "systems": self.systems,
             "started": self.started, "finished": self.finished, "run_id": self.run_id,
-            "skipped": self.skipped, "load": self.load, "attempted": results.attempted,
+            "skipped": self.skipped, "load": self.load, "commit": self.commit,
+            "attempted": results.attempted,
             "samples": [[*key, values] for key, values in results.samples.items()],
             "errors": [[*key, error] for key, error in results.errors.items()],
         }
@@ -467,7 +469,7 @@ class Run:
             results.errors[(broker, system, metric)] = error
         return cls(Profile(**data["profile"]), data["brokers"], data["systems"], results,
                    data["started"], data["finished"], data["run_id"], data["skipped"],
-                   data.get("load", []))
+                   data.get("load", []), data.get("commit", ""))
 
 
 def run(profile: Profile, brokers: list[str], systems: list[str], log: Any) -> Run:
@@ -484,8 +486,11 @@ def run(profile: Profile, brokers: list[str], systems: list[str], log: Any) -> R
             live.append(broker)
     if not service_up(REDIS_HOST, REDIS_PORT):
         raise SystemExit("Redis must run on 127.0.0.1:6379: every task counts itself there")
+    from bench.report import git_commit
+
     started = time.time()
     load_at_start = os.getloadavg()[0]
+    commit = git_commit()
     queue_names: list[str] = []
     # SQLite databases and every worker's and driver's log; kept only if something failed.
     workdir = Path(tempfile.mkdtemp(prefix=f"conveyor-bench-{run_id}-"))
@@ -510,7 +515,7 @@ def run(profile: Profile, brokers: list[str], systems: list[str], log: Any) -> R
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return Run(profile, live, systems, results, started, time.time(), run_id, skipped,
-               [load_at_start, os.getloadavg()[0]])
+               [load_at_start, os.getloadavg()[0]], commit)
 
 
 def broker_missing(broker: str) -> str | None:

@@ -45,13 +45,14 @@ def setup_for(system: str, broker: str, sqlite_path: Path) -> Setup:
         return Setup(system, broker, url, url, "SQLite (same file)")
     if broker == "redis":
         return Setup(system, broker, BENCH_REDIS_URL, BENCH_REDIS_URL, "Redis")
-    # RabbitMQ. Conveyor: Redis results (its rpc:// backend is not there yet, and its docs
-    # name no faster one). Celery: rpc://, replies over the broker itself, which Celery's
-    # docs recommend for RPC-style calls and which measured at least as fast as redis://
-    # here (p50 2.0-3.4 ms against 2.2-3.7 ms).
+    # RabbitMQ. Conveyor and Celery: rpc://, results sent back over RabbitMQ itself.
+    # Conveyor's docs (docs/amqp.md) name no faster backend; rpc:// and redis:// measured
+    # even here (round-trip p50 1.7-2.0 against 1.6-2.7 ms), and rpc:// keeps the cell on
+    # one broker, as Celery's is. Celery's docs recommend rpc:// for RPC-style calls, and
+    # it measured at least as fast as redis:// here (p50 2.0-3.4 against 2.2-3.7 ms).
     # Dramatiq: Redis, its only result store besides Memcached.
-    if system == "celery":
-        return Setup(system, broker, AMQP_URL, "rpc://", "rpc:// (RabbitMQ replies)")
+    if system in ("conveyor", "celery"):
+        return Setup(system, broker, AMQP_URL, "rpc://", "rpc:// (replies over RabbitMQ)")
     return Setup(system, broker, AMQP_URL, BENCH_REDIS_URL, "Redis")
 
 
