@@ -25,6 +25,11 @@ def add(x: Any, y: Any) -> Any:
     return x + y
 
 
+@app.task(name="interop.xsum")
+def xsum(values: list[Any]) -> Any:
+    return sum(values)
+
+
 @app.task(name="interop.echo")
 def echo(*args: Any, **kwargs: Any) -> dict[str, Any]:
     return {"args": list(args), "kwargs": kwargs}

@@ -121,3 +121,38 @@ def test_priorities_are_served_in_celerys_redis_order(
             result.get(timeout=TIMEOUT)
     ran = [int(line.split()[0]) for line in log.read_text().splitlines()]
     assert ran == [1, 4, 3, 5, 2, 0, 6]
+
+
+def test_celery_workflows_run_on_conveyor_workers(celery_client: Any, worker: Worker) -> None:
+    from celery import chain as celery_chain
+    from celery import chord as celery_chord
+    from celery import group as celery_group
+
+    def sig(*args: Any) -> Any:
+        return celery_client.signature(args[0], args=args[1:])
+
+    chained = celery_chain(sig("interop.add", 1, 2), sig("interop.add", 3),
+                           sig("interop.add", 10)).apply_async()
+    assert chained.get(timeout=TIMEOUT) == 16
+    assert chained.parent.get(timeout=TIMEOUT) == 6
+    grouped = celery_group(sig("interop.add", i, i) for i in range(5)).apply_async()
+    assert grouped.get(timeout=TIMEOUT) == [0, 2, 4, 6, 8]
+    # Celery's producer sets the chord size in Celery's keys; our workers count the parts.
+    chorded = celery_chord([sig("interop.add", i, i) for i in range(10)])(sig("interop.xsum"))
+    assert chorded.get(timeout=TIMEOUT) == 90
+
+
+def test_celery_chord_with_a_failing_part_fails_with_chord_error(
+    celery_client: Any, worker: Worker
+) -> None:
+    from celery import chord as celery_chord
+    from celery.exceptions import ChordError
+
+    header = [celery_client.signature("interop.add", args=(1, 1)),
+              celery_client.signature("interop.fail", args=("value",))]
+    chorded = celery_chord(header)(celery_client.signature("interop.xsum"))
+    # A fresh handle: Celery's own would re-raise the failed parent's ValueError first.
+    body = celery_client.AsyncResult(chorded.id)
+    with pytest.raises(ChordError, match="boom"):
+        body.get(timeout=TIMEOUT)
+    assert body.status == "FAILURE"

@@ -158,3 +158,19 @@ def test_priorities_reach_celery_in_its_order(
         worker.stop()
     ran = [int(line.split()[0]) for line in log.read_text().splitlines()]
     assert ran == [1, 4, 3, 5, 2, 0, 6]
+
+
+def test_conveyor_workflows_run_on_celery_workers(producer: Conveyor, celery_worker: Any) -> None:
+    from conveyor.canvas import Signature, chain, chord, group
+
+    def sig(name: str, *args: Any) -> Signature:
+        return Signature(name, args, app=producer)
+
+    chained = chain(sig("interop.add", 1, 2), sig("interop.add", 3),
+                    sig("interop.add", 10)).apply_async()
+    assert chained.get(timeout=TIMEOUT) == 16
+    grouped = group(sig("interop.add", i, i) for i in range(5)).apply_async()
+    assert grouped.get(timeout=TIMEOUT) == [0, 2, 4, 6, 8]
+    # We set the chord size in Celery's keys; Celery's worker counts the parts.
+    chorded = chord([sig("interop.add", i, i) for i in range(10)], sig("interop.xsum"))()
+    assert chorded.get(timeout=TIMEOUT) == 90

@@ -29,6 +29,7 @@ from typing import Any, cast
 import redis
 from conveyor import serialization, states
 from conveyor.backends.base import Meta, ResultBackend, group_members
+from conveyor.backends.redis_chord import RedisChords
 from conveyor.backends.redis_listener import ResultListener
 from conveyor.errors import BackendError, BackendUnavailable, TimeoutError
 from conveyor.redis_connection import RedisClients, as_bytes, translated
@@ -122,6 +123,7 @@ class RedisBackend(ResultBackend):
             )
         )
         self._store_script = self.client.register_script(_STORE)
+        self._chords = RedisChords(self, self.client, self.group_key)
         self._listener_lock = threading.Lock()
         self._listener: ResultListener | None = None
         self._listener_pid = os.getpid()
@@ -273,6 +275,17 @@ class RedisBackend(ResultBackend):
     def forget_group(self, group_id: str) -> None:
         with self._redis():
             self.client.delete(self.group_key(group_id))
+
+    # -- chords, in Celery's keys so either side's workers can finish either's chords ----
+    def prepare_chord(self, group_id: str, task_ids: Sequence[str]) -> bool:
+        with self._redis():
+            self._chords.prepare(group_id, len(task_ids))
+        return True
+
+    def on_chord_part(self, group_id: str, task_id: str, group_index: int | None) -> (
+            list[Meta] | None):
+        with self._redis():
+            return self._chords.count_part(group_id, task_id, group_index)
 
     # -- the listener ---------------------------------------------------------------------
     def _shared_listener(self) -> ResultListener:
