@@ -14,7 +14,8 @@ import queue
 import threading
 from typing import TYPE_CHECKING
 
-from conveyor.errors import BrokerError
+from conveyor.errors import BrokerError, BrokerUnavailable
+from conveyor.outages import call_with_retry
 
 if TYPE_CHECKING:
     from conveyor.brokers.base import Broker
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("conveyor.worker")
 
 BATCH_LIMIT = 512
+ACK_RETRIES = 6
 
 
 class Acker:
@@ -57,7 +59,11 @@ class Acker:
 
     def _send(self, batch: list[Delivery]) -> None:
         try:
-            self.broker.ack_many(batch)
+            # A short outage should not make finished tasks run again.
+            call_with_retry(lambda: self.broker.ack_many(batch),
+                            retry_on=(BrokerUnavailable,), max_retries=ACK_RETRIES,
+                            first_delay=0.1, max_delay=2.0,
+                            what=f"Acking {len(batch)} messages", logger=logger)
         except BrokerError as exc:
             # The leases will lapse and the messages come back: at-least-once holds.
             logger.warning("Could not ack %d messages: %s", len(batch), exc)
