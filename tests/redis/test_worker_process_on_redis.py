@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.apps import proc_app
+from tests.integration import test_chord_crash as chord_suite
 from tests.integration import test_worker_process as suite
 from tests.integration.conftest import workers  # noqa: F401 - the suite's fixture
 from tests.integration.workers import WorkerProcess, start_worker, wait_until
@@ -33,6 +34,10 @@ NOT_HERE = {"test_prefetched_messages_are_not_lost_when_a_worker_is_killed"}
 for _name in dir(suite):
     if _name.startswith("test_") and _name not in NOT_HERE:
         globals()[_name] = getattr(suite, _name)
+
+# The 1,000-part chord with a worker SIGKILLed halfway, counted in Celery's Redis keys.
+test_chord_body_runs_exactly_once_when_a_worker_dies = (
+    chord_suite.test_chord_body_runs_exactly_once_when_a_worker_dies)
 
 
 @pytest.fixture
