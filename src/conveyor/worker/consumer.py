@@ -52,7 +52,13 @@ class Consumer:
 
     @property
     def inflight(self) -> int:
+        """Messages taken from the broker and not finished: waiting or running."""
         return len(self.ready) + len(self.running)
+
+    @property
+    def unacked(self) -> int:
+        """Messages taken from the broker and not acknowledged yet."""
+        return len(self.held)
 
     # -- broker calls that must not kill the worker -------------------------------------
     def _settle(self, delivery: Delivery, action: str, reason: str = "") -> None:

@@ -115,12 +115,24 @@ class Worker:
             f"unknown pool {name!r}; choose prefork, threads, asyncio or solo")
 
     # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def prefetch_disabled(self) -> bool:
+        return self.app.conf.worker_disable_prefetch or self.prefetch_multiplier <= 0
+
     def window(self) -> int:
-        """How many messages may be fetched but unfinished (the prefetch limit)."""
+        """The prefetch limit: ``concurrency × worker_prefetch_multiplier``."""
         size = self.pool.size()
-        if self.app.conf.worker_disable_prefetch or self.prefetch_multiplier <= 0:
-            return size
-        return size * self.prefetch_multiplier
+        return size if self.prefetch_disabled else size * self.prefetch_multiplier
+
+    def room(self) -> int:
+        """How many more messages to fetch now (caller holds the consumer's lock).
+
+        As Celery's prefetch count, the limit counts unacknowledged messages: a started
+        early-ack task is acked and frees its place. With prefetch off, only a free slot
+        makes room, so a message never waits behind a running task."""
+        consumer = self.consumer
+        used = consumer.inflight if self.prefetch_disabled else consumer.unacked
+        return self.window() - used
 
     def start(self) -> None:
         self._declare_with_retry()
@@ -183,7 +195,7 @@ class Worker:
         while not self._stopping.is_set():
             with consumer.lock:
                 window = self.window()
-                room = window - consumer.inflight
+                room = self.room()
                 # Refill in batches (one round trip for many messages), unless no job is
                 # waiting for a slot: then even one message is worth fetching now.
                 if room <= 0 or (consumer.ready and room < max(1, window // 2)):
