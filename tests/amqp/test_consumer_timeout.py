@@ -110,3 +110,38 @@ def test_an_eta_arriving_early_from_celery_is_deferred_not_held(
     assert ran(log) == ["early conveyor"]
     assert conveyor_app.broker.consuming.generation == generation
     assert "consumer_timeout" not in caplog.text
+
+
+def test_the_consumer_timeout_option_goes_on_the_consumer_not_the_queue(
+    amqp_url: str, vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # RabbitMQ >= 3.11.15 honours a per-consumer timeout; 3.10 ignores it, and says so.
+    from tests.amqp.vhosts import rabbitmqctl
+
+    broker = AmqpBroker(amqp_url, consumer_timeout=7200)
+    try:
+        assert broker.fetch(["long"], 1, timeout=0) == []
+        broker.publish(
+            Envelope(b"x", "text/plain", "utf-8", {}, {}), exchange="", routing_key="long"
+        )
+        [delivery] = broker.fetch(["long"], 1, timeout=5)
+        broker.ack(delivery)
+        consumers = rabbitmqctl(
+            "list_consumers",
+            "-p",
+            vhost,
+            "--quiet",
+            "--no-table-headers",
+            "queue_name",
+            "arguments",
+        )
+        assert '{"x-consumer-timeout",7200000}' in consumers
+        queues = rabbitmqctl(
+            "list_queues", "-p", vhost, "--quiet", "--no-table-headers", "name", "arguments"
+        )
+        assert "long\t[]" in queues
+        version = broker.io.call(lambda conn: conn.server_properties["version"])
+        if tuple(int(part) for part in version.split(".")[:3]) < (3, 11, 15):
+            assert "ignores the consumer_timeout option" in caplog.text
+    finally:
+        broker.close()

@@ -238,3 +238,20 @@ def test_one_connection_heartbeats_and_prefetch_from_the_worker_window(
             assert ["8", "1"] in channels.values()
     finally:
         app.close()
+
+
+def test_an_idle_connection_answers_at_once_after_a_heartbeat(amqp_url: str) -> None:
+    # RabbitMQ sends a heartbeat frame every heartbeat/2 s on an idle connection; reading
+    # it must not leave the I/O thread waiting for the frame after it.
+    broker = AmqpBroker(amqp_url, heartbeat=4)
+    try:
+        broker.check()
+        time.sleep(2.5)  # a heartbeat arrived at ~2 s, the next comes at ~4 s
+        started = time.monotonic()
+        broker.check()
+        broker.publish(envelope("m"), exchange="", routing_key="q")
+        [delivery] = broker.fetch(["q"], 1, timeout=5)
+        broker.ack(delivery)
+        assert time.monotonic() - started < 0.5
+    finally:
+        broker.close()

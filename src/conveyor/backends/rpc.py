@@ -18,6 +18,7 @@ app's ``broker_url``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -119,6 +120,7 @@ class RpcBackend(ResultBackend):
         self._cond = threading.Condition()
         self._declared = False
         self._closed = False
+        self._pid = os.getpid()
         self.io.start()
 
     # -- the producer's side ------------------------------------------------------------------
@@ -228,8 +230,8 @@ class RpcBackend(ResultBackend):
         self.io.wait_connected()
 
     def close(self) -> None:
-        if self._closed:
-            return
+        if self._closed or os.getpid() != self._pid:
+            return  # closed already, or a forked child's copy: the parent's to close
         self._closed = True
         if self.io.connected:
             self.publisher.flush(10.0)

@@ -23,21 +23,27 @@ How the contract maps onto RabbitMQ:
 from __future__ import annotations
 
 import atexit
-import heapq
 import logging
-import threading
+import os
 import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from conveyor.brokers.amqp_consume import Arrival, Consuming, DeliveryCounter, Held
-from conveyor.brokers.amqp_delay import DelayChain, QueueSpec, delay_ms
+from conveyor.brokers.amqp_delay import DelayChain, DelayedCounts, QueueSpec, delay_ms
 from conveyor.brokers.amqp_io import AmqpIo, parse_amqp_url
-from conveyor.brokers.amqp_message import REPLY_ADDRESSES, build_message, envelope_of
+from conveyor.brokers.amqp_message import (
+    REPLY_ADDRESSES,
+    build_message,
+    dead_letter_headers,
+    dead_letter_of,
+    envelope_of,
+)
 from conveyor.brokers.amqp_publish import Outgoing, Publisher
 from conveyor.brokers.amqp_topology import Topology, dead_letter_queue
 from conveyor.brokers.base import Broker, QueueStats
+from conveyor.brokers.virtual import DeadLetter
 from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import ConfigurationError, RoutingError
 from conveyor.request import current_request
@@ -46,7 +52,6 @@ from conveyor.routing import DEFAULT_EXCHANGE, Binding, Exchange, Queue
 logger = logging.getLogger("conveyor.broker.amqp")
 
 DEFAULT_FRAME_MAX = 131072
-LANDING_GRACE = 2.0
 
 KNOWN_OPTIONS = frozenset(
     {
@@ -93,7 +98,8 @@ class AmqpBroker(Broker):
             )
         params = parse_amqp_url(url, options)
         self.dead_letter_queues = bool(options.get("dead_letter_queues", True))
-        self.consumer_timeout = float(options.get("consumer_timeout", 1800.0))
+        timeout = options.get("consumer_timeout")
+        self.consumer_timeout = float(timeout) if timeout is not None else 1800.0
         self.close_timeout = float(options.get("close_timeout", 10.0))
         self.per_message_ttl = bool(options.get("per_message_ttl", False))
         self.chain = DelayChain(quorum=options.get("delay_queue_type") == "quorum")
@@ -105,14 +111,18 @@ class AmqpBroker(Broker):
             window=int(options.get("confirm_window", 1000)),
             window_bytes=int(options.get("confirm_window_bytes", 32 * 1024 * 1024)),
         )
-        self.consuming = Consuming(self.io, self.topology)
+        self.consuming = Consuming(
+            self.io,
+            self.topology,
+            consumer_timeout_ms=None if timeout is None else int(float(timeout) * 1000),
+        )
         self.io.attachments.extend([self.topology, self.publisher, self.consuming])
         self._counter = DeliveryCounter()
         self._landings: dict[tuple[str, str], str] = {}
-        self._delayed: dict[str, list[float]] = {}
-        self._delayed_lock = threading.Lock()
+        self._delayed = DelayedCounts()
         self._warned: set[str] = set()
         self._closed = False
+        self._pid = os.getpid()
         self.io.start()
         _OPEN.add(self)
 
@@ -204,7 +214,6 @@ class AmqpBroker(Broker):
 
     def _note_delayed(self, items: Sequence[tuple[Envelope, str, str]], millis: int) -> None:
         """Count delayed messages by destination queue, for ``stats`` in this process."""
-        due = time.monotonic() + millis / 1000
         named = [
             (envelope, exchange, key)
             for envelope, exchange, key in items
@@ -220,27 +229,7 @@ class AmqpBroker(Broker):
             )
         destinations = [key for _, exchange, key in items if exchange == DEFAULT_EXCHANGE]
         destinations += [queue for queues in routed for queue in queues]
-        with self._delayed_lock:
-            for queue in destinations:
-                heapq.heappush(self._delayed.setdefault(queue, []), due)
-
-    def _landed(self, queue: str) -> None:
-        with self._delayed_lock:
-            dues = self._delayed.get(queue)
-            if dues:
-                heapq.heappop(dues)
-
-    def _delayed_count(self, queue: str) -> int:
-        with self._delayed_lock:
-            dues = self._delayed.get(queue)
-            if not dues:
-                return 0
-            # Still counted a little past due: the message may be crossing the chain's last
-            # queues; counting it twice for a moment beats not counting it at all.
-            now = time.monotonic() - LANDING_GRACE
-            while dues and dues[0] <= now:
-                heapq.heappop(dues)
-            return len(dues)
+        self._delayed.add(destinations, millis / 1000)
 
     # -- consuming ---------------------------------------------------------------------------
     def fetch(self, queues: Sequence[str], max_messages: int, timeout: float) -> list[Delivery]:
@@ -265,7 +254,7 @@ class AmqpBroker(Broker):
         info = message.delivery_info
         raw_headers = message.properties.get("application_headers") or {}
         if str(raw_headers.get("x-first-death-queue", "")).startswith(self._chain_prefixes):
-            self._landed(arrival.queue)
+            self._delayed.landed(arrival.queue)
         envelope = envelope_of(message, self._chain_prefixes)
         REPLY_ADDRESSES.remember(envelope)
         quorum_count = envelope.headers.pop("x-delivery-count", None)
@@ -302,6 +291,7 @@ class AmqpBroker(Broker):
         with consuming.cond:
             consuming.held.pop(delivery.tag, None)
             current = generation == consuming.generation
+        self._warned.discard(delivery.tag)
         if not current:
             logger.debug(
                 "Ignoring a settle of delivery %s: its channel is closed and "
@@ -321,8 +311,8 @@ class AmqpBroker(Broker):
             self.consuming.settle("ack", found[1], found[0])
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        for delivery in deliveries:
-            self.ack(delivery)
+        found = [found for delivery in deliveries if (found := self._release(delivery))]
+        self.consuming.settle_many("ack", found)
 
     def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
         found = self._release(delivery)
@@ -347,14 +337,7 @@ class AmqpBroker(Broker):
         message, size = build_message(
             delivery.envelope,
             frame_max=self.io.frame_max or DEFAULT_FRAME_MAX,
-            extra_headers={
-                "x-conveyor-dead-reason": reason,
-                "x-conveyor-dead-queue": delivery.queue,
-                "x-conveyor-dead-exchange": delivery.exchange,
-                "x-conveyor-dead-routing-key": delivery.routing_key,
-                "x-conveyor-dead-deliveries": delivery.delivery_count,
-                "x-conveyor-dead-at": time.time(),
-            },
+            extra_headers=dead_letter_headers(delivery, reason),
         )
         self.publisher.send(
             [
@@ -414,10 +397,7 @@ class AmqpBroker(Broker):
         if millis:
             exchange = self.chain.entry
             routing_key = self.chain.routing_key(self._landings[key], millis)
-            with self._delayed_lock:
-                heapq.heappush(
-                    self._delayed.setdefault(delivery.queue, []), time.monotonic() + millis / 1000
-                )
+            self._delayed.add([delivery.queue], millis / 1000)
         else:
             exchange, routing_key = key
         # The original is acked only once RabbitMQ confirmed the copy: never lost between
@@ -482,17 +462,15 @@ class AmqpBroker(Broker):
                 QueueStats(
                     name,
                     ready=(ready or 0) + buffered.get(name, 0),
-                    delayed=self._delayed_count(name),
+                    delayed=self._delayed.count(name),
                     leased=leased.get(name, 0),
                     dead=dead,
                 )
             )
         return result
 
-    def dead_letters(self, queue: str, limit: int = 100) -> list[Any]:
+    def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The messages rejected without requeue from ``queue`` (oldest first), left in place."""
-        from conveyor.brokers.virtual import DeadLetter
-
         dead = dead_letter_queue(queue)
 
         def peek(conn: Any) -> list[Any]:
@@ -507,20 +485,9 @@ class AmqpBroker(Broker):
             finally:
                 channel.close()  # unacked gets go back to the queue, in order
 
-        letters = []
-        for message in self.io.call(peek):
-            envelope = envelope_of(message, self._chain_prefixes)
-            headers = envelope.headers
-            reason = str(headers.pop("x-conveyor-dead-reason", ""))
-            source = str(headers.pop("x-conveyor-dead-queue", queue))
-            exchange = str(headers.pop("x-conveyor-dead-exchange", ""))
-            routing_key = str(headers.pop("x-conveyor-dead-routing-key", ""))
-            count = headers.pop("x-conveyor-dead-deliveries", 1)
-            at = headers.pop("x-conveyor-dead-at", 0.0)
-            letters.append(
-                DeadLetter(envelope, source, exchange, routing_key, int(count), reason, float(at))
-            )
-        return letters
+        return [
+            dead_letter_of(message, queue, self._chain_prefixes) for message in self.io.call(peek)
+        ]
 
     def wake(self) -> None:
         self.consuming.wake()
@@ -530,8 +497,8 @@ class AmqpBroker(Broker):
         self.io.call(lambda conn: None)
 
     def close(self) -> None:
-        if self._closed:
-            return
+        if self._closed or os.getpid() != self._pid:
+            return  # closed already, or a forked child's copy: the parent's to close
         self._closed = True
         _OPEN.discard(self)
         if self.io.connected and not self.publisher.flush(self.close_timeout):

@@ -91,9 +91,17 @@ class DeliveryCounter:
 class Consuming:
     """The consuming channel of a connection and the buffer of what it received."""
 
-    def __init__(self, io: AmqpIo, topology: Topology) -> None:
+    def __init__(
+        self, io: AmqpIo, topology: Topology, *, consumer_timeout_ms: int | None = None
+    ) -> None:
         self.io = io
         self.topology = topology
+        self.consumer_arguments: dict[str, Any] = {}
+        if consumer_timeout_ms is not None:
+            # Per consumer (RabbitMQ >= 3.11.15): no change to the queue, whose argument
+            # would make Celery's own declaration of it fail.
+            self.consumer_arguments["x-consumer-timeout"] = consumer_timeout_ms
+        self._warned_timeout = False
         self.cond = threading.Condition()
         # Shared with callers (under ``cond``).
         self.generation = 0
@@ -191,6 +199,15 @@ class Consuming:
             self.cond.notify_all()
 
     def _setup(self, channel: Any, prefetch: int) -> None:
+        if self.consumer_arguments and not self._warned_timeout:
+            self._warned_timeout = True
+            if not _per_consumer_timeouts(channel.connection):
+                logger.warning(
+                    "RabbitMQ %s ignores the consumer_timeout option (a per-consumer "
+                    "timeout needs 3.11.15 or later): set consumer_timeout in "
+                    "rabbitmq.conf instead",
+                    channel.connection.server_properties.get("version", "?"),
+                )
         self.channel = channel
         self.prefetch = 0
         self._apply_prefetch(max(1, prefetch))
@@ -208,7 +225,11 @@ class Consuming:
 
     def _consume(self, name: str) -> None:
         tag = self.channel.basic_consume(
-            name, no_ack=False, callback=self._on_message, on_cancel=self._on_cancel
+            name,
+            no_ack=False,
+            callback=self._on_message,
+            on_cancel=self._on_cancel,
+            arguments=self.consumer_arguments or None,
         )
         self._tags[tag] = name
         self.consuming.add(name)
@@ -280,6 +301,12 @@ class Consuming:
     def settle(self, kind: str, delivery_tag: int, generation: int) -> None:
         self._settles.append((generation, delivery_tag, kind))
         self.io.wake()
+
+    def settle_many(self, kind: str, found: Sequence[tuple[int, int]]) -> None:
+        """Settle (generation, delivery tag) pairs with one wake-up of the I/O thread."""
+        self._settles.extend((generation, tag, kind) for generation, tag in found)
+        if found:
+            self.io.wake()
 
     def wake(self) -> None:
         with self.cond:
@@ -382,3 +409,12 @@ class Consuming:
                 buffer.extend(kept)
         taken.sort(key=lambda arrival: (-arrival.priority, arrival.seq))
         return taken
+
+
+def _per_consumer_timeouts(connection: Any) -> bool:
+    version = str(connection.server_properties.get("version", ""))
+    try:
+        parts = tuple(int(part) for part in version.split(".")[:3])
+    except ValueError:
+        return True  # an unusual version string: assume a recent server
+    return parts >= (3, 11, 15)

@@ -18,13 +18,19 @@ applies; a delay survives worker and broker restarts (the queues are durable).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 LEVELS = 32
 MAX_DELAY_MS: int = (1 << LEVELS) - 1
 """About 49.7 days; a longer delay waits this long, then a task's eta is checked again."""
+LANDING_GRACE = 2.0
+"""Seconds a delayed message is still counted past due: it may be crossing the last hops."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,3 +174,38 @@ def strip_chain_headers(headers: dict[str, Any], chain_prefixes: tuple[str, ...]
     if isinstance(last, str) and last.startswith(chain_prefixes):
         for key in ("x-last-death-queue", "x-last-death-exchange", "x-last-death-reason"):
             headers.pop(key, None)
+
+
+class DelayedCounts:
+    """Messages this process delayed, by destination queue, until they are due.
+
+    RabbitMQ can't say which queue a message in the chain is for, so ``stats().delayed``
+    counts what this process sent. A message is counted a little past due (counted twice
+    for a moment rather than not at all), or until this process receives it.
+    """
+
+    def __init__(self) -> None:
+        self._dues: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, queues: Iterable[str], seconds: float) -> None:
+        due = time.monotonic() + seconds
+        with self._lock:
+            for queue in queues:
+                heapq.heappush(self._dues.setdefault(queue, []), due)
+
+    def landed(self, queue: str) -> None:
+        with self._lock:
+            dues = self._dues.get(queue)
+            if dues:
+                heapq.heappop(dues)
+
+    def count(self, queue: str) -> int:
+        with self._lock:
+            dues = self._dues.get(queue)
+            if not dues:
+                return 0
+            past = time.monotonic() - LANDING_GRACE
+            while dues and dues[0] <= past:
+                heapq.heappop(dues)
+            return len(dues)

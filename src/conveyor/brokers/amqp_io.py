@@ -341,7 +341,10 @@ class AmqpIo:
             self._drain_wake_pipe()
         frames = 0
         while frames < FRAMES_PER_TURN and (self._buffered(conn) or self._readable(sock)):
-            conn.drain_events(timeout=self.params.operation_timeout)
+            # One frame at a time: py-amqp's drain_events() goes on reading after a
+            # heartbeat frame, so it would sit here until the next frame (30 s on an idle
+            # connection) while callers wait.
+            conn.blocking_read(timeout=self.params.operation_timeout)
             frames += 1
         for attachment in self.attachments:
             attachment.after_io()

@@ -12,13 +12,15 @@ from __future__ import annotations
 import datetime
 import decimal
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import amqp  # type: ignore[import-untyped]
 from conveyor.brokers.amqp_delay import strip_chain_headers
-from conveyor.envelope import Envelope
+from conveyor.brokers.virtual import DeadLetter
+from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import EncodeError
 
 PROPERTY_NAMES = frozenset(
@@ -118,30 +120,54 @@ def _check_frame(message: Any, frame_max: int) -> None:
         )
 
 
-def _estimate(value: Any, where: str, depth: int = 0) -> int:
-    """An upper bound of a value's encoded size in characters; raises for unsendable types."""
-    if depth > 32:
-        raise EncodeError(f"{where} nest too deeply to be sent over AMQP")
-    if value is None or isinstance(value, (bool, float, decimal.Decimal)):
+_SMALL = (bool, float, decimal.Decimal, datetime.datetime)
+
+
+class _Unsendable(Exception):
+    """A header value py-amqp can't encode; ``path`` grows while the error unwinds."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.path = ""
+
+
+def _estimate(headers: Mapping[str, Any], where: str) -> int:
+    """An upper bound of the headers' encoded size in characters; raises EncodeError for
+    values AMQP can't carry (this runs on every publish: no work unless something's wrong)."""
+    try:
+        return _size(headers, 0)
+    except _Unsendable as exc:
+        raise EncodeError(f"{where}{exc.path}: {exc.problem}") from None
+
+
+def _size(value: Any, depth: int) -> int:
+    if isinstance(value, str):
+        return len(value) + 6
+    if value is None or isinstance(value, _SMALL):
         return 10
     if isinstance(value, int):
         if not -_INT64 <= value < _INT64:
-            raise EncodeError(f"{where}: {value} does not fit in a 64-bit AMQP integer")
+            raise _Unsendable(f"{value} does not fit in a 64-bit AMQP integer")
         return 10
-    if isinstance(value, str):
-        return len(value) + 6
-    if isinstance(value, (bytes, bytearray)):
-        return len(value) // 4 + 6  # *4 below: count bytes once
-    if isinstance(value, datetime.datetime):
-        return 10
+    if depth > 32:
+        raise _Unsendable("nested too deeply to be sent over AMQP")
     if isinstance(value, Mapping):
-        return 6 + sum(
-            len(str(key)) + 2 + _estimate(item, f"{where}[{key!r}]", depth + 1)
-            for key, item in value.items()
-        )
+        total = 6
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _Unsendable(f"header names are strings, not {type(key).__name__}")
+            try:
+                total += len(key) + 2 + _size(item, depth + 1)
+            except _Unsendable as exc:
+                exc.path = f"[{key!r}]{exc.path}"
+                raise
+        return total
     if isinstance(value, (list, tuple)):
-        return 6 + sum(_estimate(item, where, depth + 1) for item in value)
-    raise EncodeError(f"{where}: a {type(value).__name__} cannot be sent as an AMQP header value")
+        return 6 + sum(_size(item, depth + 1) for item in value)
+    if isinstance(value, (bytes, bytearray)):
+        return len(value) // 4 + 6  # counted once: the caller multiplies by 4
+    raise _Unsendable(f"a {type(value).__name__} cannot be sent as an AMQP header value")
 
 
 class _ReplyAddresses:
@@ -179,3 +205,35 @@ REPLY_ADDRESSES = _ReplyAddresses()
 
 def reply_address(task_id: str) -> tuple[str, str] | None:
     return REPLY_ADDRESSES.get(task_id)
+
+
+DEAD_HEADERS = ("reason", "queue", "exchange", "routing-key", "deliveries", "at")
+
+
+def dead_letter_headers(delivery: Delivery, reason: str) -> dict[str, Any]:
+    """What a dead letter carries besides the original message (``x-conveyor-dead-*``)."""
+    values = (
+        reason,
+        delivery.queue,
+        delivery.exchange,
+        delivery.routing_key,
+        delivery.delivery_count,
+        time.time(),
+    )
+    return {
+        f"x-conveyor-dead-{name}": value for name, value in zip(DEAD_HEADERS, values, strict=True)
+    }
+
+
+def dead_letter_of(message: Any, queue: str, chain_prefixes: tuple[str, ...]) -> DeadLetter:
+    envelope = envelope_of(message, chain_prefixes)
+    found = {name: envelope.headers.pop(f"x-conveyor-dead-{name}", None) for name in DEAD_HEADERS}
+    return DeadLetter(
+        envelope,
+        str(found["queue"] or queue),
+        str(found["exchange"] or ""),
+        str(found["routing-key"] or ""),
+        int(found["deliveries"] or 1),
+        str(found["reason"] or ""),
+        float(found["at"] or 0.0),
+    )
