@@ -120,7 +120,7 @@ class Worker:
         return self.app.conf.worker_disable_prefetch or self.prefetch_multiplier <= 0
 
     def window(self) -> int:
-        """The prefetch limit: ``concurrency × worker_prefetch_multiplier``."""
+        """The prefetch limit: ``concurrency * worker_prefetch_multiplier``."""
         size = self.pool.size()
         return size if self.prefetch_disabled else size * self.prefetch_multiplier
 
