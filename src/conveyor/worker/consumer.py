@@ -267,6 +267,11 @@ class Consumer:
         with self.lock:
             return list(self.held.values())
 
+    def give_back(self, delivery: Delivery, reason: str) -> None:
+        """Requeue a message this worker will not run; a broker error only logs (the
+        lease lapses and the message comes back all the same)."""
+        self._settle(delivery, "requeue", reason)
+
     def release_unstarted(self) -> int:
         """Give prefetched, not started messages back to the broker at once."""
         with self.lock:

@@ -218,7 +218,7 @@ class Worker:
             delay = 0.5
             for delivery in deliveries:
                 if self._stopping.is_set():
-                    self.app.broker.reject(delivery, requeue=True, reason="shutting down")
+                    consumer.give_back(delivery, "worker shutting down")
                     continue
                 consumer.intake(delivery)
 
