@@ -59,7 +59,6 @@ DEFAULT_ITEM_SIZE_MAX = 1024 * 1024
 
 _WRITE_ATTEMPTS = 100  # gets/cas rounds lost to other writers before giving up
 _KEYS_PER_REQUEST = 100
-_PICKLE_MARK = b"\x80"  # every pickle of protocol 2 or later starts with it
 
 
 def servers_of(url: str) -> list[tuple[str, int]]:
@@ -106,26 +105,6 @@ def with_global_prefix(prefix: str | None, key: str) -> str:
     if not prefix:
         return key
     return f"{prefix}{key}" if prefix[-1] in ":_-." else f"{prefix}_{key}"
-
-
-def _load_untyped(payload: bytes, serializer: str, accept: frozenset[str]) -> Any:
-    """Decode a value stored without its content type, as Celery's cache backend stores.
-
-    Celery decodes with its configured serializer, and so does Conveyor. Bytes that
-    serializer cannot read but that carry pickle's marker are read as pickle (and refused
-    unless pickle is accepted); a reader configured for pickle reads unmarked bytes as
-    JSON, Celery's default.
-    """
-    pickled = payload[:1] == _PICKLE_MARK
-    name = serializer
-    if serializer == "pickle" and not pickled:
-        name = "json"
-    try:
-        return serialization.loads(payload, *serialization.content_type_of(name), accept)
-    except SerializationError:
-        if not pickled or name == "pickle":
-            raise
-    return serialization.loads(payload, *serialization.content_type_of("pickle"), accept)
 
 
 class MemcachedBackend(ResultBackend):
@@ -203,7 +182,7 @@ class MemcachedBackend(ResultBackend):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _decode_document(self, data: bytes) -> Meta:
-        meta = _load_untyped(bytes(data), self.serializer, self.accept)
+        meta = serialization.loads_untyped(bytes(data), self.serializer, self.accept)
         if not isinstance(meta, dict):
             raise DecodeError(f"result document is a {type(meta).__name__}, not a mapping")
         return meta

@@ -51,7 +51,6 @@ from conveyor.errors import (
     BackendUnavailable,
     ConfigurationError,
     EncodeError,
-    SerializationError,
     TimeoutError,
 )
 
@@ -75,7 +74,6 @@ _IDS_PER_QUERY = 500
 # stored without a NOTIFY (by Celery, or a writer with ``listen`` off).
 LISTEN_POLL_MAX = 1.0
 
-_PICKLE_MARK = b"\x80"  # every pickle of protocol 2 or later starts with it
 
 
 def sqlalchemy_url(url: str) -> sa.URL:
@@ -113,26 +111,6 @@ def _rolled_back(error: sa_exc.DBAPIError) -> bool:
 
 def _fetch_all(query: sa.Select[Any], connection: Connection) -> list[sa.Row[Any]]:
     return list(connection.execute(query).all())
-
-
-def _load_untyped(payload: bytes, serializer: str, accept: frozenset[str]) -> Any:
-    """Decode a value stored without its content type, as Celery's database backend stores.
-
-    Celery decodes with its configured serializer, and so does Conveyor. Bytes that
-    serializer cannot read but that carry pickle's marker are read as pickle (and refused
-    unless pickle is accepted); a reader configured for pickle reads unmarked bytes as
-    JSON, Celery's default.
-    """
-    pickled = payload[:1] == _PICKLE_MARK
-    name = serializer
-    if serializer == "pickle" and not pickled:
-        name = "json"
-    try:
-        return serialization.loads(payload, *serialization.content_type_of(name), accept)
-    except SerializationError:
-        if not pickled or name == "pickle":
-            raise
-    return serialization.loads(payload, *serialization.content_type_of("pickle"), accept)
 
 
 class SqlBackend(ResultBackend):
@@ -265,7 +243,7 @@ class SqlBackend(ResultBackend):
         return _now()
 
     def _load(self, payload: Any) -> Any:
-        return _load_untyped(bytes(payload), self.serializer, self.accept)
+        return serialization.loads_untyped(bytes(payload), self.serializer, self.accept)
 
     def _dump(self, value: Any) -> bytes:
         return serialization.dumps(value, self.serializer)[0]

@@ -16,6 +16,7 @@ from conveyor.serialization.registry import (
     register,
     registered_names,
 )
+from conveyor.serialization.untyped import loads_untyped
 
 __all__ = [
     "compress",
@@ -23,6 +24,7 @@ __all__ = [
     "decompress",
     "dumps",
     "loads",
+    "loads_untyped",
     "normalize_accept",
     "register",
     "registered_names",
