@@ -81,8 +81,10 @@ def test_a_stale_delivery_cannot_touch_the_message_someone_else_holds(connect: A
     cut(slow)  # slow's channel dies: its lease lapses
     fresh = fetch_one(other, "q")
     assert fresh.delivery_count == 2
+    # Wait for the reconnect itself: until slow's I/O thread reads the dead socket,
+    # `connected` still reports the old connection.
     deadline = time.monotonic() + PATIENCE
-    while not slow.io.connected:
+    while not (slow.io.connected and slow.io.connections >= 2):
         assert time.monotonic() < deadline, "slow did not reconnect"
         time.sleep(0.05)
     slow.ack(stale)
