@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 import os
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
@@ -16,11 +16,12 @@ from conveyor.brokers import broker_from_url
 from conveyor.brokers.base import Broker
 from conveyor.builtins import register_builtins
 from conveyor.config import Settings, build_settings, from_object
+from conveyor.envelope import Envelope
 from conveyor.errors import NotRegistered
-from conveyor.producer import Producer
+from conveyor.producer import PER_CALL_OPTIONS, Producer
 from conveyor.request import Request
 from conveyor.result import AsyncResult
-from conveyor.router import Router
+from conveyor.router import Router, Target
 from conveyor.task import CALL_OPTIONS, AsyncTask, BaseTask, Task, check_options
 
 P = ParamSpec("P")
@@ -43,6 +44,19 @@ class BoundTaskDecorator(Protocol):
     ) -> AsyncTask[..., R]: ...
     @overload
     def __call__(self, fun: Callable[..., R], /) -> Task[..., R]: ...
+
+
+_pid_now = os.getpid()
+"""This process's id, kept current by a fork hook: read on every broker and backend
+access, where a system call each time showed in profiles."""
+
+
+def _note_fork() -> None:
+    global _pid_now
+    _pid_now = os.getpid()
+
+
+os.register_at_fork(after_in_child=_note_fork)
 
 
 class Conveyor:
@@ -119,8 +133,8 @@ class Conveyor:
             self._backend = None
 
     def _check_pid(self) -> None:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
+        if self._pid != _pid_now:
+            self._pid = _pid_now
             self._broker = None  # the parent's objects belong to the parent
             self._backend = None
             self.producer = Producer(self)
@@ -207,8 +221,13 @@ class Conveyor:
         **options: Any,
     ) -> AsyncResult[Any]:
         """Send a task by name; the task need not be registered in this process."""
-        check_options(options, CALL_OPTIONS, "send_task option")
-        message = self.producer.build(name, args, kwargs, options)
+        if not options.keys() <= CALL_OPTIONS:
+            check_options(options, CALL_OPTIONS, "send_task option")
+        producer = self.producer
+        plan = producer.plan(name, options)
+        if plan is not None:
+            return AsyncResult(producer.send_plain(plan, name, args, kwargs, options), self)
+        message = producer.build(name, args, kwargs, options)
         target = self.router.resolve(name, args, kwargs, options)
         if target.priority is not None and options.get("priority") is None:
             message = dataclasses.replace(message, priority=target.priority)
@@ -224,22 +243,47 @@ class Conveyor:
         Calls with a countdown or eta are sent one by one (each waits its own time);
         the rest go together: that is how a group of a thousand costs one round trip.
         """
-        batch = []
-        results: list[AsyncResult[Any]] = []
+        return [AsyncResult(task_id, self) for task_id in self.send_calls(calls)]
+
+    def send_calls(
+        self,
+        calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]],
+    ) -> list[str]:
+        """:meth:`send_many`, returning the task ids (groups need no result objects)."""
+        producer = self.producer
+        items: list[tuple[Envelope, str, str]] = []
+        targets: list[Target] = []
+        ids: list[str] = []
+        last_name, last_plan = None, None  # for calls whose options are all per call
         for name, args, kwargs, options in calls:
-            check_options(options, CALL_OPTIONS, "send_task option")
-            if options.get("countdown") is not None or options.get("eta") is not None:
-                results.append(self.send_task(name, list(args), kwargs, **options))
-                continue
-            message = self.producer.build(name, args, kwargs, options)
-            target = self.router.resolve(name, args, kwargs, options)
-            if target.priority is not None and options.get("priority") is None:
-                message = dataclasses.replace(message, priority=target.priority)
-            batch.append((message, target, options))
-            results.append(AsyncResult(message.id, self))
-        if batch:
-            self.producer.publish_many(batch)
-        return results
+            keys = options.keys()
+            if keys <= PER_CALL_OPTIONS:
+                if name != last_name:
+                    last_name, last_plan = name, producer.plan(name, options)
+                plan = last_plan
+            else:
+                if not keys <= CALL_OPTIONS:
+                    check_options(options, CALL_OPTIONS, "send_task option")
+                if options.get("countdown") is not None or options.get("eta") is not None:
+                    ids.append(self.send_task(name, list(args), kwargs, **options).id)
+                    continue
+                plan = producer.plan(name, options)
+            if plan is not None:
+                envelope, target = producer.plain(plan, name, args, kwargs, options)
+                ids.append(envelope.headers["id"])
+            else:
+                message = producer.build(name, args, kwargs, options)
+                target = self.router.resolve(name, args, kwargs, options)
+                if target.priority is not None and options.get("priority") is None:
+                    message = dataclasses.replace(message, priority=target.priority)
+                envelope = producer.encode(message, options)
+                ids.append(message.id)
+            if not targets or target is not targets[-1]:
+                targets.append(target)
+            items.append((envelope, target.exchange, target.routing_key))
+        if items:
+            producer.publish_envelopes(items, targets)
+        return ids
 
     async def asend_task(
         self,

@@ -25,11 +25,15 @@ from typing import TYPE_CHECKING, Any
 from conveyor.errors import ConfigurationError
 from conveyor.protocol import new_id
 from conveyor.result import AsyncResult, GroupResult
+from conveyor.task import CALL_OPTIONS
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
 
 ResultLike = AsyncResult[Any] | GroupResult
+
+_COMPOSITES = frozenset({"chain", "group", "chunks", "chord"})
+"""Kinds of signature that :func:`signature` makes into their own classes."""
 
 # Options that only describe where a signature sits in a workflow; they are dropped when
 # a signature is copied into a new position.
@@ -51,9 +55,13 @@ class Signature(dict[str, Any]):
         immutable: bool = False,
         app: Conveyor | None = None,
     ) -> None:
-        super().__init__(task=task, args=list(args), kwargs=dict(kwargs or {}),
-                         options=dict(options or {}), subtask_type=subtask_type,
-                         immutable=immutable)
+        super().__init__()
+        self["task"] = task
+        self["args"] = list(args)
+        self["kwargs"] = dict(kwargs) if kwargs else {}
+        self["options"] = dict(options) if options else {}
+        self["subtask_type"] = subtask_type
+        self["immutable"] = immutable
         self.app = app
 
     # -- the wire fields ------------------------------------------------------------------
@@ -96,6 +104,22 @@ class Signature(dict[str, Any]):
     def clone(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
               **options: Any) -> Signature:
         """A copy with ``args`` prepended (unless immutable) and options merged."""
+        kind = self.get("subtask_type")
+        if type(self) is Signature and kind not in _COMPOSITES:
+            # What the general way below gives a plain signature, with fewer copies.
+            immutable = bool(self.get("immutable"))
+            base_args = self.get("args") or ()
+            base_kwargs = self.get("kwargs") or {}
+            base_options = self.get("options") or {}
+            return Signature(
+                str(self["task"]),
+                base_args if immutable or not args else [*args, *base_args],
+                base_kwargs if immutable or not kwargs else {**base_kwargs, **kwargs},
+                {**base_options, **options} if options else base_options,
+                subtask_type=kind,
+                immutable=immutable,
+                app=self.app,
+            )
         copy = signature(dict(self), self.app)
         if not copy.immutable:
             copy["args"] = [*args, *copy.args]
@@ -121,9 +145,10 @@ class Signature(dict[str, Any]):
 
     def freeze(self, _id: str | None = None) -> ResultLike:
         """Fix the task id now, so the result is known before anything is sent."""
-        if self.options.get("task_id") is None:
-            self.options["task_id"] = _id or new_id()
-        return AsyncResult(str(self.options["task_id"]), self._require_app())
+        options = self.options
+        if options.get("task_id") is None:
+            options["task_id"] = _id or new_id()
+        return AsyncResult(str(options["task_id"]), self._require_app())
 
     def __or__(self, other: Signature) -> chain:  # type: ignore[override]
         return chain(self, other)
@@ -148,8 +173,6 @@ class Signature(dict[str, Any]):
 
 
 def _send_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    from conveyor.task import CALL_OPTIONS
-
     return {key: value for key, value in options.items() if key in CALL_OPTIONS}
 
 
@@ -245,7 +268,10 @@ class group(Signature):  # noqa: N801 - Celery's name, used as a function
 
     @property
     def tasks(self) -> list[Signature]:
-        return [signature(member, self.app) for member in self.kwargs["tasks"]]
+        app = self.app
+        # signature(member, app), without the call for members bound to the app already
+        return [member if isinstance(member, Signature) and (app is None or member.app is app)
+                else signature(member, app) for member in self["kwargs"]["tasks"]]
 
     def clone(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
               **options: Any) -> Signature:
@@ -370,18 +396,27 @@ def send_members(members: Sequence[Signature], group_id: str, options: Mapping[s
     body = options.get("chord")
     plain: list[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]] = []
     for index, member in enumerate(members):
+        if type(member) is Signature and member.get("subtask_type") not in _COMPOSITES:
+            # What attach_membership() and member.clone(**shared).apply_async() do, without
+            # the copy.
+            own = member.options
+            own["group_id"] = group_id
+            own["group_index"] = index
+            if body is not None:
+                own["chord"] = body
+            merged = {**own, **shared} if shared else own
+            if not merged.keys() <= CALL_OPTIONS:
+                merged = _send_options(merged)
+            plain.append((member.task, member["args"] or (), member["kwargs"], merged))
+            continue
         if not isinstance(member, group):  # a nested group keeps its own id and indexes
             membership: dict[str, Any] = {"group_id": group_id, "group_index": index}
             if body is not None:
                 membership["chord"] = body
             attach_membership(member, membership)
-        if type(member) is Signature:
-            call = member.clone(**shared)
-            plain.append((call.task, call.args, call.kwargs, _send_options(call.options)))
-        else:
-            member.apply_async(**shared)
+        member.apply_async(**shared)
     if plain:
-        app.send_many(plain)
+        app.send_calls(plain)
 
 
 MEMBERSHIP = ("group_id", "group_index", "chord")
@@ -414,7 +449,9 @@ def _first_app(items: Sequence[Mapping[str, Any]]) -> Conveyor | None:
 def _flatten_args(items: Iterable[Any]) -> list[Signature]:
     flat: list[Signature] = []
     for item in items:
-        if isinstance(item, Mapping):
+        if isinstance(item, Signature):
+            flat.append(item)  # what signature(item) returns
+        elif isinstance(item, Mapping):
             flat.append(signature(item, getattr(item, "app", None)))
         else:
             flat.extend(_flatten_args(item))

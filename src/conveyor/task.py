@@ -89,6 +89,17 @@ def as_datetime(value: datetime | str | float | None, *, relative: bool) -> date
     raise ConfigurationError(f"expected a datetime, ISO string or seconds, got {value!r}")
 
 
+_SIGNATURE: list[type[Signature]] = []
+
+
+def _signature_class() -> type[Signature]:
+    if not _SIGNATURE:  # imported on first use: conveyor.canvas imports this module
+        from conveyor.canvas import Signature
+
+        _SIGNATURE.append(Signature)
+    return _SIGNATURE[0]
+
+
 class BaseTask(Generic[P, R]):
     """What sync and async tasks share: options, sending, retrying."""
 
@@ -110,6 +121,7 @@ class BaseTask(Generic[P, R]):
         self.max_retries: int | None = (
             app.conf.task_max_retries if max_retries == "default" else max_retries)
         self._options = merged
+        self._defaults: tuple[Any, dict[str, Any]] | None = None
         self.is_async = inspect.iscoroutinefunction(fun)
         self.__doc__ = fun.__doc__
         self.__name__ = getattr(fun, "__name__", self.name)
@@ -174,11 +186,17 @@ class BaseTask(Generic[P, R]):
 
     # -- sending -------------------------------------------------------------------------
     def _call_defaults(self) -> dict[str, Any]:
+        """The options every call starts from (read-only: it is kept per settings)."""
+        conf = self.app.conf
+        cached = self._defaults
+        if cached is not None and cached[0] is conf:
+            return cached[1]
         defaults: dict[str, Any] = {"ignore_result": self.ignore_result}
         for key in ("queue", "exchange", "routing_key", "priority", "serializer",
                     "compression", "time_limit", "soft_time_limit", "expires", "shadow"):
             if self._options[key] is not None:
                 defaults[key] = self._options[key]
+        self._defaults = (conf, defaults)
         return defaults
 
     def apply_async(
@@ -188,8 +206,9 @@ class BaseTask(Generic[P, R]):
         **options: Any,
     ) -> AsyncResult[R]:
         """Send the task with Celery's call options (``countdown``, ``queue``, ...)."""
-        check_options(options, CALL_OPTIONS, "apply_async option")
-        merged = {**self._call_defaults(), **options}
+        if not options.keys() <= CALL_OPTIONS:
+            check_options(options, CALL_OPTIONS, "apply_async option")
+        merged = {**self._call_defaults(), **options} if options else self._call_defaults()
         if self.app.conf.task_always_eager:
             return self.apply(args, kwargs, task_id=merged.get("task_id"))
         return cast("AsyncResult[R]", self.app.send_task(self.name, args, kwargs, **merged))
@@ -224,10 +243,9 @@ class BaseTask(Generic[P, R]):
     # -- signatures ----------------------------------------------------------------------
     def signature(self, args: tuple[Any, ...] | list[Any] | None = None,
                   kwargs: Mapping[str, Any] | None = None, **options: Any) -> Signature:
-        from conveyor.canvas import Signature
-
-        check_options(options, CALL_OPTIONS, "signature option")
-        return Signature(self.name, args or (), kwargs, options, app=self.app)
+        if not options.keys() <= CALL_OPTIONS:
+            check_options(options, CALL_OPTIONS, "signature option")
+        return _signature_class()(self.name, args or (), kwargs, options, app=self.app)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature of this call: ``add.s(2)`` is add with 2 as its first argument."""

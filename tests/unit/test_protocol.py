@@ -14,7 +14,9 @@ from conveyor.envelope import Envelope
 from conveyor.errors import ContentDisallowed, EncodeError, MessageError
 from conveyor.protocol import Embed, TaskHeaders, TaskMessage
 
-CAPTURES = Path(__file__).resolve().parents[3] / "shared" / "celery-captures"
+# Copies of the team's Celery 5 captures (shared/celery-captures), kept with the tests so a
+# clone anywhere checks against them.
+CAPTURES = Path(__file__).resolve().parents[1] / "captures"
 JSON = serialization.normalize_accept(["json"])
 
 
@@ -31,8 +33,6 @@ def envelope_from_kombu(raw: str) -> Envelope:
 
 def captured_envelopes(name: str) -> list[Envelope]:
     path = CAPTURES / name
-    if not path.exists():
-        pytest.skip(f"captures not found at {path}")
     found = []
     for raw_line in path.read_text().splitlines():
         line = raw_line.strip()

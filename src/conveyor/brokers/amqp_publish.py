@@ -29,6 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+from amqp import spec  # type: ignore[import-untyped]
 from conveyor.brokers.amqp_io import AmqpIo
 from conveyor.errors import BrokerError, BrokerUnavailable
 
@@ -36,6 +37,8 @@ logger = logging.getLogger("conveyor.broker.amqp")
 
 MAX_ATTEMPTS = 3
 SEND_BATCH = 512
+GATHER_BYTES = 256 * 1024
+"""The frames a turn publishes go to the socket in writes of about this size."""
 
 
 @dataclass(eq=False, slots=True)
@@ -155,24 +158,32 @@ class Publisher:
 
     def work(self) -> bool:
         channel = self.channel
-        if channel is None:
+        if channel is None or not self._queue:
             return False
         sent = 0
-        while self._queue and sent < SEND_BATCH:
-            item = self._queue.popleft()
-            if not _wanted(item):
-                self._drop(item)
-                continue
-            try:
-                channel.basic_publish(
-                    item.message, exchange=item.exchange, routing_key=item.routing_key
-                )
-            except BaseException:
-                self._queue.appendleft(item)  # not confirmed: it goes out again
-                raise
-            self._seq += 1
-            self._outbox[self._seq] = item
-            sent += 1
+        with _GatheredWrites(channel.connection.transport):
+            while self._queue and sent < SEND_BATCH:
+                item = self._queue.popleft()
+                if not _wanted(item):
+                    self._drop(item)
+                    continue
+                try:
+                    # basic_publish() without its read before every message: py-amqp
+                    # looks for a connection.blocked notice there (two socket timeout
+                    # changes and a recv that fails, per message). The I/O thread reads
+                    # every frame after each turn; a notice still gets logged then.
+                    channel.send_method(
+                        spec.Basic.Publish,
+                        "Bssbb",
+                        (0, item.exchange, item.routing_key, False, False),
+                        item.message,
+                    )
+                except BaseException:
+                    self._queue.appendleft(item)  # not confirmed: it goes out again
+                    raise
+                self._seq += 1
+                self._outbox[self._seq] = item
+                sent += 1
         return bool(self._queue)
 
     def after_io(self) -> None:
@@ -256,6 +267,50 @@ class Publisher:
             self._count -= len(items)
             self._bytes -= sum(item.size for item in items)
             self._space.notify_all()
+
+
+class _GatheredWrites:
+    """Stands in for a py-amqp transport's socket write while a turn publishes: the
+    frames are gathered and written together, ``GATHER_BYTES`` at a time, instead of one
+    write per message (each write gives up the GIL, which the threads that publish then
+    take and hold). What was gathered is written on the way out, errors or not; a write
+    that fails fails as py-amqp's own would (the connection is then lost, and what
+    waits for a confirm is sent again on the next one)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.chunks: list[bytes] = []
+        self.size = 0
+        # TCP: the socket's sendall, set on the instance; TLS: a method of the class.
+        self.own = "_write" in vars(transport)
+        self.write: Callable[[bytes], Any] | None = getattr(transport, "_write", None)
+
+    def __enter__(self) -> None:
+        if self.write is not None:
+            self.transport._write = self.gather
+
+    def gather(self, data: Any) -> None:
+        self.chunks.append(bytes(data))  # py-amqp hands over a view of a buffer it reuses
+        self.size += len(data)
+        if self.size >= GATHER_BYTES:
+            assert self.write is not None
+            self.flush(self.write)  # called by transport.write(), whose handling applies
+
+    def flush(self, write: Callable[[bytes], Any]) -> None:
+        if self.chunks:
+            data = b"".join(self.chunks)
+            self.chunks.clear()
+            self.size = 0
+            write(data)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.write is None:  # a transport of another kind: nothing was gathered
+            return
+        if self.own:
+            self.transport._write = self.write
+        else:
+            del self.transport._write
+        self.flush(self.transport.write)
 
 
 def _wanted(item: Outgoing) -> bool:

@@ -50,10 +50,12 @@ import logging
 import os
 import secrets
 import time
+from binascii import b2a_base64
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _string
 from threading import Lock
 from typing import Any, cast
 
@@ -62,7 +64,7 @@ from conveyor.brokers import redis_scripts as scripts
 from conveyor.brokers.base import Broker, QueueStats
 from conveyor.brokers.redis_layout import check_queue_name, decode_envelope
 from conveyor.brokers.redis_restore import ForeignRestorer
-from conveyor.brokers.redis_routing import RedisTopology, new_delivery_tag
+from conveyor.brokers.redis_routing import RedisTopology, Route, new_delivery_tag
 from conveyor.brokers.redis_settings import BrokerSettings
 from conveyor.brokers.redis_wakeup import IdleWaiter, minimal_prefixes
 from conveyor.brokers.virtual import (
@@ -74,8 +76,9 @@ from conveyor.brokers.virtual import (
 )
 from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import BrokerError, BrokerUnavailable
+from conveyor.protocol import new_id
 from conveyor.redis_connection import RedisClients, as_bytes, as_text, translated
-from conveyor.routing import Binding, Exchange, Queue
+from conveyor.routing import DEFAULT_EXCHANGE, Binding, Exchange, Queue
 
 logger = logging.getLogger("conveyor.brokers.redis")
 
@@ -93,6 +96,47 @@ SCRIPTS = (
 )
 FANOUT_BUFFER = 10_000
 """Celery fanout messages kept per queue until a fetch takes them (oldest dropped)."""
+PUSH_LIMIT = 10_002
+"""Arguments of one LPUSH (10,000 messages): a bigger batch is several, in a transaction."""
+
+
+def delivery_info_json(exchange: str, routing_key: str) -> str:
+    return json.dumps({"exchange": exchange, "routing_key": routing_key})
+
+
+_PROPERTY_NAMES = ["correlation_id", "reply_to", "delivery_mode", "priority"]
+
+
+def kombu_json(envelope: Envelope, body_b64: str, delivery_info: str, tag: str) -> str | None:
+    """What :func:`~conveyor.brokers.redis_layout.encode_envelope` writes, for a task
+    message whose headers come rendered (``headers_json``) and whose properties are the
+    usual four, without the general JSON encoder; None for any other envelope.
+
+    ``body_b64`` is the base64 text of the body, ``delivery_info`` the JSON of
+    ``{"exchange": ..., "routing_key": ...}``.
+    """
+    headers = envelope.headers_json
+    properties = envelope.properties
+    if headers is None or list(properties) != _PROPERTY_NAMES:
+        return None
+    correlation_id = properties["correlation_id"]
+    reply_to = properties["reply_to"]
+    delivery_mode = properties["delivery_mode"]
+    priority = properties["priority"]
+    content_type = envelope.content_type
+    content_encoding = envelope.content_encoding
+    if not (type(correlation_id) is str and type(reply_to) is str
+            and type(delivery_mode) is int and type(priority) is int
+            and type(content_type) is str and type(content_encoding) is str
+            and type(tag) is str):
+        return None
+    return (
+        f'{{"body": "{body_b64}", "content-encoding": {_string(content_encoding)}, '
+        f'"content-type": {_string(content_type)}, "headers": {headers}, "properties": '
+        f'{{"correlation_id": {_string(correlation_id)}, "reply_to": {_string(reply_to)}, '
+        f'"delivery_mode": {delivery_mode}, "priority": {priority}, "delivery_info": '
+        f'{delivery_info}, "body_encoding": "base64", "delivery_tag": {_string(tag)}}}}}'
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,57 +231,93 @@ class RedisBroker(Broker):
     def publish_many(
         self, items: Sequence[tuple[Envelope, str, str]], *, delay: float | None = None
     ) -> None:
-        layout = self.layout
-        with self._redis():
-            # Route everything first: an unknown exchange fails the batch before any of
-            # it is queued.
-            routed = [
-                (
-                    envelope,
-                    exchange,
-                    key,
-                    self.topology.destinations(exchange, key, envelope.headers),
-                )
-                for envelope, exchange, key in items
-            ]
-            now = time.time()
-            commands: list[tuple[Any, ...]] = []
-            touched: set[str] = set()
-            for envelope, exchange, key, route in routed:
-                step = layout.step_of(priority_of(envelope))
-                # A task's eta travels in its headers: such a message goes in the list now,
-                # so Celery workers see it too (ours defer it). Anything else waits unseen.
-                hidden = delay is not None and delay > 0 and not envelope.headers.get("eta")
-                for queue in route.queues:
-                    tag = new_delivery_tag()
-                    payload = self.topology.encode(envelope, exchange, key, tag)
-                    list_key = layout.list_key(queue, step)
-                    if hidden:
-                        assert delay is not None
-                        record = json.dumps({"n": 0, "t": "", "q": list_key})
-                        commands += [
-                            ("ZADD", layout.delayed(queue), repr(now + delay), tag),
-                            ("HSET", layout.delayed_messages(queue), tag, payload),
-                            ("HSET", layout.deliveries, tag, record),
-                        ]
-                    else:
-                        commands.append(("LPUSH", list_key, payload))
-                    touched.add(queue)
-                if route.fanout_channel is not None:
-                    payload = self.topology.encode(
-                        envelope, exchange, key, new_delivery_tag(), listed=True
-                    )
-                    commands.append(("PUBLISH", route.fanout_channel, payload))
-            fresh = self.topology.unknown_queues(touched)
-            if fresh:
-                commands.append(("SADD", layout.queues, *fresh))
-            # All or nothing; one command is atomic by itself, without MULTI/EXEC.
-            with self.client.pipeline(transaction=len(commands) > 1) as pipe:
-                for command in commands:
-                    cast(Any, pipe).execute_command(*command)
-                if commands:
+        try:
+            commands, fresh = self._publish_commands(items, delay)
+            if len(commands) == 1:
+                # One command is atomic by itself, without MULTI/EXEC (or a pipeline).
+                cast(Any, self.client).execute_command(*commands[0])
+            elif commands:
+                with self.client.pipeline(transaction=True) as pipe:  # all or nothing
+                    for command in commands:
+                        cast(Any, pipe).execute_command(*command)
                     pipe.execute()
-            self.topology.remember_queues(fresh)
+        except redis.RedisError:
+            with self._redis():
+                raise
+        self.topology.remember_queues(fresh)
+
+    def _publish_commands(
+        self, items: Sequence[tuple[Envelope, str, str]], delay: float | None
+    ) -> tuple[list[list[Any]], list[str]]:
+        """The commands that publish ``items``, and the queues not known to be listed in
+        ``_conveyor.queues`` yet. Raises RoutingError, EncodeError, redis errors."""
+        layout = self.layout
+        topology = self.topology
+        now = time.time()
+        commands: list[list[Any]] = []
+        push: list[Any] | None = None  # the last command, while it is an LPUSH
+        touched: set[str] = set()
+        direct: dict[str, Route] = {}  # the nameless exchange routes by key alone
+        steps: dict[Any, int] = {}
+        infos: dict[tuple[str, str], str] = {}
+        last_body, last_b64 = b"", ""
+        # Nothing is sent before every message is routed and written: an unknown
+        # exchange, or a message that can't be written, fails the whole batch.
+        for envelope, exchange, key in items:
+            route = direct.get(key) if exchange == DEFAULT_EXCHANGE else None
+            if route is None:
+                route = topology.destinations(exchange, key, envelope.headers)
+                if exchange == DEFAULT_EXCHANGE:
+                    direct[key] = route
+            priority = envelope.properties.get("priority")
+            step = steps.get(priority) if type(priority) is int else None
+            if step is None:
+                step = layout.step_of(priority_of(envelope))
+                if type(priority) is int:
+                    steps[priority] = step
+            # A task's eta travels in its headers: such a message goes in the list now,
+            # so Celery workers see it too (ours defer it). Anything else waits unseen.
+            hidden = delay is not None and delay > 0 and not envelope.headers.get("eta")
+            for queue in route.queues:
+                # A delayed message's tag orders it among those due at the same time; a
+                # listed one's only has to be unique: a random UUID, as kombu's.
+                tag = new_delivery_tag() if hidden else new_id()
+                payload = None
+                if envelope.headers_json is not None:
+                    info = infos.get((exchange, key))
+                    if info is None:
+                        info = infos[(exchange, key)] = delivery_info_json(exchange, key)
+                    body = envelope.body
+                    if body is not last_body:
+                        last_body, last_b64 = body, b2a_base64(body, newline=False).decode()
+                    payload = kombu_json(envelope, last_b64, info, tag)
+                if payload is None:
+                    payload = topology.encode(envelope, exchange, key, tag)
+                list_key = layout.list_key(queue, step)
+                if hidden:
+                    assert delay is not None
+                    record = json.dumps({"n": 0, "t": "", "q": list_key})
+                    commands += [
+                        ["ZADD", layout.delayed(queue), repr(now + delay), tag],
+                        ["HSET", layout.delayed_messages(queue), tag, payload],
+                        ["HSET", layout.deliveries, tag, record],
+                    ]
+                    push = None
+                elif push is not None and push[1] == list_key and len(push) < PUSH_LIMIT:
+                    # LPUSH of several values = as many LPUSHes of one, in order.
+                    push.append(payload)
+                else:
+                    push = ["LPUSH", list_key, payload]
+                    commands.append(push)
+                touched.add(queue)
+            if route.fanout_channel is not None:
+                payload = topology.encode(envelope, exchange, key, new_delivery_tag(), listed=True)
+                commands.append(["PUBLISH", route.fanout_channel, payload])
+                push = None
+        fresh = topology.unknown_queues(touched)
+        if fresh:
+            commands.append(["SADD", layout.queues, *fresh])
+        return commands, fresh
 
     # -- consuming ----------------------------------------------------------------------
     def fetch(self, queues: Sequence[str], max_messages: int, timeout: float) -> list[Delivery]:

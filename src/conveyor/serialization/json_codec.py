@@ -22,6 +22,7 @@ __all__ = [
     "from_tagged",
     "json_dumps",
     "json_loads",
+    "json_text",
     "to_tagged",
     "unsupported_type_error",
 ]
@@ -158,6 +159,11 @@ def _encode_unsupported(value: Any) -> Any:
 # separators ", " and ": ", ensure_ascii=True.
 _ENCODER = json.JSONEncoder(default=_encode_unsupported)
 _DECODER = json.JSONDecoder(object_hook=from_tagged)
+
+
+def json_text(value: Any) -> str:
+    """``value`` as kombu's JSON serializer writes it, as text (pure ASCII)."""
+    return _ENCODER.encode(value)
 
 
 def json_dumps(value: Any) -> bytes:

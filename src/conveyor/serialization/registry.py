@@ -33,6 +33,8 @@ __all__ = [
     "Codec",
     "content_type_of",
     "dumps",
+    "generation",
+    "is_builtin_json",
     "loads",
     "lookup",
     "normalize_accept",
@@ -58,6 +60,7 @@ class Codec:
 
 _BY_NAME: dict[str, Codec] = {}
 _BY_CONTENT_TYPE: dict[str, Codec] = {}
+_generation = 0
 
 
 def register(
@@ -68,6 +71,8 @@ def register(
     loads: Callable[[bytes], Any],
 ) -> None:
     """Add a codec, replacing any codec already registered under ``name``."""
+    global _generation
+    _generation += 1
     previous = _BY_NAME.pop(name, None)
     if previous is not None:
         _BY_CONTENT_TYPE.pop(previous.content_type, None)
@@ -78,6 +83,24 @@ def register(
 
 def registered_names() -> list[str]:
     return sorted(_BY_NAME)
+
+
+def generation() -> int:
+    """A number that changes whenever a codec is registered: what was decided from the
+    registry (see :func:`is_builtin_json`) holds while it stays the same."""
+    return _generation
+
+
+def is_builtin_json(serializer: str) -> bool:
+    """Whether ``serializer`` (a name or content type) is the built-in JSON codec, whose
+    output encoders that write JSON themselves (the producer's lean path) reproduce."""
+    codec = _find(serializer)
+    return (
+        codec is not None
+        and codec.dumps is json_dumps
+        and codec.content_type == "application/json"
+        and codec.content_encoding == "utf-8"
+    )
 
 
 def lookup(serializer: str) -> Codec:

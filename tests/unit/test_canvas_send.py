@@ -1,0 +1,109 @@
+"""Signatures copied and groups sent the quick way give what the general way gives."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from tests.unit.producing import Capture, assert_same, general, make_app
+
+from conveyor import Conveyor
+from conveyor.canvas import Signature, chord, group, signature
+
+
+def clone_the_general_way(sig: Signature, args: Any = (), kwargs: Any = None,
+                          **options: Any) -> Signature:
+    """Signature.clone as written for every kind of signature."""
+    copy = signature(dict(sig), sig.app)
+    if not copy.immutable:
+        copy["args"] = [*args, *copy.args]
+        copy["kwargs"] = {**copy.kwargs, **(kwargs or {})}
+    copy["options"] = {**copy.options, **options}
+    return copy
+
+
+@pytest.fixture
+def app() -> Iterator[tuple[Conveyor, Capture]]:
+    made = make_app()
+    yield made
+    made[0].close()
+
+
+def random_signature(rng: random.Random, conveyor: Conveyor) -> Signature:
+    sig = Signature(
+        "proj.add",
+        [rng.randint(0, 9) for _ in range(rng.randint(0, 2))],
+        {f"k{i}": i for i in range(rng.randint(0, 2))},
+        rng.choice([{}, {"queue": "q"}, {"priority": 3, "task_id": "fixed"}]),
+        subtask_type=rng.choice([None, "other"]),
+        immutable=rng.random() < 0.3,
+        app=rng.choice([conveyor, None]),
+    )
+    if rng.random() < 0.2:
+        sig["chord_size"] = 3  # extra keys are dropped by a copy
+    return sig
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_clone_of_a_plain_signature_is_the_general_copy(
+    app: tuple[Conveyor, Capture], seed: int
+) -> None:
+    rng = random.Random(seed)
+    for _ in range(50):
+        sig = random_signature(rng, app[0])
+        args = rng.choice([(), (1,), [2, 3]])
+        kwargs = rng.choice([None, {}, {"z": 1}, {"k0": "over"}])
+        options = rng.choice([{}, {"countdown": 3}, {"queue": "other", "task_id": "x"}])
+        got = sig.clone(args, kwargs, **options)
+        expected = clone_the_general_way(sig, args, kwargs, **options)
+        assert type(got) is type(expected)
+        assert list(got.items()) == list(expected.items())
+        assert got.app is expected.app
+        for part in ("args", "kwargs", "options"):
+            assert got[part] is not sig[part]  # a copy never shares them
+
+
+def sent_by_id(capture: Capture) -> dict[str, Any]:
+    return {envelope.headers["id"]: (envelope, routing_key, delay)
+            for envelope, _, routing_key, delay in capture.sent}
+
+
+def test_group_members_are_sent_as_single_calls_would_be(
+    app: tuple[Conveyor, Capture],
+) -> None:
+    conveyor, capture = app
+    members = [
+        Signature("proj.add", (1, 2), app=conveyor),
+        Signature("proj.add", (), {"x": 1}, {"queue": "other"}, app=conveyor),
+        Signature("proj.mul", (3,), options={"priority": 5}, app=conveyor),
+        Signature("proj.add", (4,), options={"headers": {"x-extra": "yes"}}, app=conveyor),
+        Signature("proj.add", (5,), immutable=True, app=conveyor),
+    ]
+    result = group(members).apply_async(queue="shared")
+    sent = sent_by_id(capture)
+    assert len(sent) == len(members)
+    for index, (member, member_result) in enumerate(zip(members, result, strict=True)):
+        envelope, routing_key, delay = sent[member_result.id]
+        options = {**member.options, "task_id": member_result.id, "group_id": result.id,
+                   "group_index": index, "queue": "shared"}
+        expected, target = general(conveyor, member.task, member.args, member.kwargs, options)
+        assert delay is None
+        assert_same(envelope, expected)
+        assert routing_key == target.routing_key
+    assert all(not member.options for member in members[:1])  # the caller's are untouched
+
+
+def test_chord_header_members_carry_the_body(app: tuple[Conveyor, Capture]) -> None:
+    conveyor, capture = app
+    conveyor.configure(result_backend="memory://canvas-send")
+    conveyor._broker = capture  # type: ignore[assignment]
+    header = [Signature("proj.add", (i, i), app=conveyor) for i in range(3)]
+    body = Signature("proj.sum", app=conveyor)
+    chord(header, body).apply_async()
+    embeds = [envelope.body for envelope, *_ in capture.sent]
+    assert len(embeds) == 3
+    assert all(b'"chord": {"task": "proj.sum"' in body_bytes for body_bytes in embeds)
+    indexes = sorted(envelope.headers["group_index"] for envelope, *_ in capture.sent)
+    assert indexes == [0, 1, 2]
