@@ -109,6 +109,7 @@ def worker(state: State, loglevel: str, queues: str | None, concurrency: int | N
            max_memory_per_child: int | None) -> None:
     """Start a worker."""
     from conveyor.worker.autoscale import parse_autoscale
+    from conveyor.worker.supervisor import Supervisor
     from conveyor.worker.worker import Worker
 
     setup_logging(loglevel)
@@ -120,16 +121,19 @@ def worker(state: State, loglevel: str, queues: str | None, concurrency: int | N
         policy = parse_autoscale(autoscale) if autoscale else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--autoscale") from None
+    consumed = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    instance: Worker | Supervisor
     try:
-        instance = Worker(
-            app,
-            queues=[q.strip() for q in queues.split(",") if q.strip()] if queues else None,
-            concurrency=concurrency, pool=pool, hostname=hostname,
-            app_spec=state.app_spec, autoscale=policy,
-            prefetch_multiplier=prefetch_multiplier,
-            max_tasks_per_child=max_tasks_per_child,
-            max_memory_per_child=max_memory_per_child,
-        )
+        if (pool or app.conf.worker_pool) == "prefork":
+            instance = Supervisor(
+                app, app_spec=state.app_spec, queues=consumed, concurrency=concurrency,
+                hostname=hostname, autoscale=policy, prefetch_multiplier=prefetch_multiplier,
+                max_tasks_per_child=max_tasks_per_child,
+                max_memory_per_child=max_memory_per_child, broker_url=state.broker)
+        else:
+            instance = Worker(
+                app, queues=consumed, concurrency=concurrency, pool=pool, hostname=hostname,
+                autoscale=policy, prefetch_multiplier=prefetch_multiplier)
     except ConfigurationError as exc:
         fail(str(exc), EXIT_CONFIG)
     instance.run()

@@ -72,6 +72,22 @@ def register(app: Conveyor) -> None:
         return n
 
 
+def register_process_killers(app: Conveyor) -> None:
+    """Late-ack tasks whose process ends under them (Conveyor's prefork tests only)."""
+
+    @app.task(name="interop.late_die", acks_late=True)
+    def late_die(path: str) -> None:
+        with Path(path).open("a") as handle:
+            handle.write("run\n")
+        os._exit(3)
+
+    @app.task(name="interop.late_overrun", acks_late=True, time_limit=1.0)
+    def late_overrun(path: str) -> None:
+        with Path(path).open("a") as handle:
+            handle.write("run\n")
+        time.sleep(60)
+
+
 def make_app(**overrides: Any) -> Conveyor:
     settings = {**interop_settings(), **overrides}
     instance = Conveyor(
@@ -90,6 +106,7 @@ def make_app(**overrides: Any) -> Conveyor:
         **settings,
     )
     register(instance)
+    register_process_killers(instance)
     return instance
 
 

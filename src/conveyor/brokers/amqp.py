@@ -87,6 +87,9 @@ class AmqpBroker(Broker):
     supports_priority = False  # only on queues declared with x-max-priority
     native_delay = True
     lists_queues = False
+    settles_any_delivery = False
+    ack_linger = 0.0  # an ack is one frame, no round trip; held back it would stall basic.qos
+    acks_wait = False  # ack_many hands the frames to the I/O thread and returns
 
     def __init__(self, url: str, *, visibility_timeout: float = 3600.0, **options: Any) -> None:
         super().__init__(url, visibility_timeout=visibility_timeout)

@@ -51,6 +51,20 @@ class Broker(ABC):
     lists_queues: bool = True
     """False where the protocol cannot enumerate queues (AMQP 0-9-1): ``stats()`` without
     names then covers only the queues this broker object declared or used."""
+    shared_between_processes: bool = True
+    """False where the queues live in this process only (``memory://``): processes that
+    consume on their own, as the prefork pool's do, would each see empty queues."""
+    ack_linger: float = 0.002
+    """Seconds a worker's acks may wait to travel together. Where an ack is a request to
+    the broker (a script, a transaction), gathering them saves round trips; an ack
+    delayed a little changes nothing a user can see."""
+    acks_wait: bool = True
+    """Whether ``ack_many`` waits for the broker. Where it only queues the ack for an I/O
+    thread (AMQP), the worker calls it directly instead of through a thread of its own."""
+    settles_any_delivery: bool = True
+    """Whether any connection may ack or requeue a delivery from its tag, as with leases
+    kept in the broker (SQLite, Redis). In AMQP only the receiving channel can; when it
+    closes, the broker requeues what it held by itself."""
 
     def __init__(self, url: str, *, visibility_timeout: float = 3600.0) -> None:
         self.url = url

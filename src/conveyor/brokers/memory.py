@@ -275,6 +275,8 @@ class MemoryBroker(Broker):
     """Queues in this process's memory; a blocked ``fetch`` wakes the moment it can."""
 
     scheme = "memory"
+    shared_between_processes = False
+    ack_linger = 0.0
 
     def __init__(self, url: str = "memory://", *, visibility_timeout: float = 3600.0) -> None:
         if not url.startswith("memory://"):

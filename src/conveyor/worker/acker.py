@@ -2,9 +2,11 @@
 
 Dispatching a job and reading a finished one must not wait for a broker round trip, and
 one round trip can settle many messages. Acks queue here and a thread sends whatever has
-gathered while the previous batch was on the wire. An ack that is late by a few
-milliseconds changes nothing a user can see; one that never arrives (the worker died)
-lets the lease lapse and the message is delivered again: at-least-once holds.
+gathered while the previous batch was on the wire (or within the broker's
+``ack_linger``). An ack that is late by a few milliseconds changes nothing a user can
+see; one that never arrives (the worker died) lets the lease lapse and the message is
+delivered again: at-least-once holds. Where acking never waits (AMQP's I/O thread sends
+them), acks skip this thread.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from conveyor.errors import BrokerError, BrokerUnavailable
@@ -31,21 +34,43 @@ class Acker:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self._pending: queue.SimpleQueue[Delivery | None] = queue.SimpleQueue()
+        self._unsent: dict[str, Delivery] = {}
+        self._unsent_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="conveyor-acker", daemon=True)
         self._thread.start()
 
     def ack(self, deliveries: list[Delivery]) -> None:
+        if not self.broker.acks_wait:
+            try:
+                self.broker.ack_many(deliveries)
+            except BrokerError as exc:
+                logger.warning("Could not ack %d messages: %s", len(deliveries), exc)
+            return
+        with self._unsent_lock:
+            for delivery in deliveries:
+                self._unsent[delivery.tag] = delivery
         for delivery in deliveries:
             self._pending.put(delivery)
 
+    def unsent(self) -> list[Delivery]:
+        """Acks queued or on the wire: they die with this process if it dies now."""
+        with self._unsent_lock:
+            return list(self._unsent.values())
+
     def _run(self) -> None:
+        linger = self.broker.ack_linger
         while True:
             first = self._pending.get()
             batch = [] if first is None else [first]
             stopping = first is None
+            until = time.monotonic() + linger
             while len(batch) < BATCH_LIMIT:
                 try:
-                    item = self._pending.get_nowait()
+                    wait = until - time.monotonic()
+                    if stopping or wait <= 0:
+                        item = self._pending.get_nowait()
+                    else:
+                        item = self._pending.get(timeout=wait)
                 except queue.Empty:
                     break
                 if item is None:
@@ -54,6 +79,9 @@ class Acker:
                     batch.append(item)
             if batch:
                 self._send(batch)
+                with self._unsent_lock:
+                    for delivery in batch:
+                        self._unsent.pop(delivery.tag, None)
             if stopping and self._pending.empty():
                 return
 

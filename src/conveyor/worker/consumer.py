@@ -11,7 +11,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,8 @@ class Consumer:
         self.running: dict[int, Job] = {}
         self._seq = itertools.count(1)
         self.processed = 0
+        self.verdict: Callable[[str], tuple[bool, int] | None] | None = None
+        """Where a supervisor's word on redelivered messages is read (see Verdicts)."""
 
     @property
     def inflight(self) -> int:
@@ -115,6 +117,17 @@ class Consumer:
                          "is it registered with this worker's app?", task_id=task_id,
                          task_name=name, exc=NotRegistered(name))
             return None
+        if delivery.redelivered and self.verdict is not None:
+            verdict = self.verdict(task_id)
+            if verdict is not None:
+                acknowledge, lost = verdict
+                if acknowledge:
+                    logger.warning("Task %s[%s] was failed when its process died; its "
+                                   "message came back and is acknowledged, not run",
+                                   name, task_id)
+                    self._settle(delivery, "ack")
+                    return None
+                delivery.delivery_count = max(delivery.delivery_count, lost + 1)
         limit = self.app.conf.worker_max_deliveries
         if limit is not None and delivery.delivery_count > limit:
             looping = WorkerLostError(
@@ -122,9 +135,10 @@ class Consumer:
             self._refuse(delivery, f"{name}[{task_id}] {looping}", task_id=task_id,
                          task_name=name, exc=looping)
             return None
+        body = None
         if headers.protocol == 2:
             try:
-                protocol.decode_body(envelope, self.accept, headers.protocol)
+                body = protocol.decode_body(envelope, self.accept, headers.protocol)
             except (MessageError, SerializationError) as exc:
                 self._refuse(delivery, f"{name}[{task_id}] has an invalid body: {exc}",
                              task_id=task_id, task_name=name, exc=exc)
@@ -152,6 +166,7 @@ class Consumer:
             else task.time_limit,
             soft_time_limit=headers.soft_time_limit if headers.soft_time_limit is not None
             else task.soft_time_limit,
+            body=body,
         )
         logger.info("Task %s[%s] received", name, task_id)
         if task.track_received and not (headers.ignore_result if headers.ignore_result
@@ -230,17 +245,11 @@ class Consumer:
             self.lock.notify_all()
         task = self.app.tasks.get(job.task_name)
         if result.extra.get("lost"):
-            exitcode = result.extra.get("exitcode")
-            self._store(job.task_id, states.FAILURE, WorkerLostError(
-                f"Worker exited prematurely: exitcode {exitcode}."), job.task_name)
-            requeue = task is not None and task.reject_on_worker_lost
-            self._end(delivery, "requeue" if requeue else "ack", "worker lost")
+            self.settle_lost(job.task_id, job.task_name, delivery, result.extra.get("exitcode"))
             return
         if "time_limit" in result.extra:
-            self._store(job.task_id, states.FAILURE,
-                        TimeLimitExceeded(result.extra["time_limit"]), job.task_name)
-            ack = task is None or task.acks_on_failure_or_timeout
-            self._end(delivery, "ack" if ack else "requeue", "hard time limit")
+            self.settle_time_limit(job.task_id, job.task_name, delivery,
+                                   result.extra["time_limit"])
             return
         if result.invalid:
             self._end(delivery, "dead-letter", result.reason)
@@ -258,6 +267,24 @@ class Consumer:
             return
         self._end(delivery, "ack", "")
 
+    def settle_lost(self, task_id: str, task_name: str, delivery: Delivery | None,
+                    exitcode: object) -> None:
+        """The process running the task died: fail it, then settle its message (None when
+        it was acknowledged early) as the task's ``reject_on_worker_lost`` says."""
+        task = self.app.tasks.get(task_name)
+        self._store(task_id, states.FAILURE, WorkerLostError(
+            f"Worker exited prematurely: exitcode {exitcode}."), task_name)
+        requeue = task is not None and task.reject_on_worker_lost
+        self._end(delivery, "requeue" if requeue else "ack", "worker lost")
+
+    def settle_time_limit(self, task_id: str, task_name: str, delivery: Delivery | None,
+                          limit: float) -> None:
+        """The task was killed at its hard time limit."""
+        task = self.app.tasks.get(task_name)
+        self._store(task_id, states.FAILURE, TimeLimitExceeded(limit), task_name)
+        ack = task is None or task.acks_on_failure_or_timeout
+        self._end(delivery, "ack" if ack else "requeue", "hard time limit")
+
     def _end(self, delivery: Delivery | None, action: str, reason: str) -> None:
         if delivery is not None:  # None: an early-ack job, acknowledged when it started
             self._settle(delivery, action, reason)
@@ -266,6 +293,9 @@ class Consumer:
     def leased(self) -> list[Delivery]:
         with self.lock:
             return list(self.held.values())
+
+    def acknowledge(self, delivery: Delivery) -> None:
+        self._settle(delivery, "ack")
 
     def give_back(self, delivery: Delivery, reason: str) -> None:
         """Requeue a message this worker will not run; a broker error only logs (the

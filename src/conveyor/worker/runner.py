@@ -53,9 +53,10 @@ def prepare(app: Conveyor, job: Job) -> Prepared | JobResult:
     if task is None:  # the consumer checks this first; a registry change is the only way
         return JobResult(job.seq, states.FAILURE, invalid=True,
                          reason=f"task {job.task_name!r} is not registered")
-    accept = serialization.normalize_accept(app.conf.accept_content)
     try:
-        args, kwargs, embed = protocol.decode_body(job.envelope, accept, job.headers.protocol)
+        args, kwargs, embed = job.body or protocol.decode_body(
+            job.envelope, serialization.normalize_accept(app.conf.accept_content),
+            job.headers.protocol)
     except (MessageError, SerializationError) as exc:
         reason = f"invalid message body for {job.task_name}[{job.task_id}]: {exc}"
         logger.error("Rejected: %s", reason)

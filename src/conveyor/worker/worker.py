@@ -2,8 +2,11 @@
 
 Threads: *fetch* pulls messages while the prefetch window has room and checks each one
 (``Consumer.intake``); *dispatch* (the thread calling :meth:`Worker.run`) starts ready
-jobs on free pool slots, renews leases and applies autoscaling; the pool reports
-finished jobs from its own threads.
+jobs on free pool slots and applies autoscaling; *leases* keeps held messages leased;
+the pool reports finished jobs from its own threads.
+
+This class is the whole worker for the threads, asyncio and solo pools. The prefork pool
+runs one of these in each process (``conveyor.worker.process``), under a supervisor.
 
 Shutdown: the first SIGTERM/SIGINT is warm (stop fetching, give prefetched messages
 back, let running tasks finish); a second one is cold (kill running tasks; late-ack
@@ -31,6 +34,8 @@ from conveyor.worker.pools.base import Pool
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
+    from conveyor.brokers.base import Broker
+    from conveyor.routing import Queue
 
 logger = logging.getLogger("conveyor.worker")
 
@@ -47,6 +52,22 @@ def expand_hostname(template: str | None) -> str:
     return value.replace("%%", "%")
 
 
+def declare_queues(broker: Broker, queues: Sequence[Queue], stopping: threading.Event) -> None:
+    """Declare the consumed queues, waiting out a broker that is not up yet."""
+    delay = 0.5
+    while True:
+        try:
+            for queue in queues:
+                broker.declare_queue(queue)
+            return
+        except BrokerError as exc:
+            if stopping.is_set():
+                raise
+            logger.warning("Broker unavailable (%s); retrying in %.1fs", exc, delay)
+            stopping.wait(delay)
+            delay = min(delay * 2, RECONNECT_MAX_DELAY)
+
+
 class Worker:
     def __init__(
         self,
@@ -56,11 +77,8 @@ class Worker:
         concurrency: int | None = None,
         pool: str | None = None,
         hostname: str | None = None,
-        app_spec: str | None = None,
         autoscale: AutoscalePolicy | None = None,
         prefetch_multiplier: int | None = None,
-        max_tasks_per_child: int | None = None,
-        max_memory_per_child: int | None = None,
     ) -> None:
         conf = app.conf
         self.app = app
@@ -75,10 +93,7 @@ class Worker:
         self.prefetch_multiplier = (conf.worker_prefetch_multiplier
                                     if prefetch_multiplier is None else prefetch_multiplier)
         self.consumer = Consumer(app, self.hostname)
-        self.pool = self._make_pool(
-            self.pool_name, size, app_spec,
-            max_tasks_per_child or conf.worker_max_tasks_per_child,
-            max_memory_per_child or conf.worker_max_memory_per_child)
+        self.pool = self._make_pool(self.pool_name, size)
         lease = app.broker.visibility_timeout
         self.renew_interval = conf.worker_lease_renew_interval or max(0.05, lease / 4)
         self._stopping = threading.Event()
@@ -86,12 +101,14 @@ class Worker:
         self._signals = 0
         self._fetcher = threading.Thread(target=self._fetch_loop, name="conveyor-fetch",
                                          daemon=True)
+        self._renewer = threading.Thread(target=self._renew_loop, name="conveyor-leases",
+                                         daemon=True)
+        self._fetch_delay = 0.5
         self._idle_since = time.monotonic()
         self._last_scale = 0.0
         self.consuming = False
 
-    def _make_pool(self, name: str, size: int, app_spec: str | None,
-                   max_tasks: int | None, max_memory: int | None) -> Pool:
+    def _make_pool(self, name: str, size: int) -> Pool:
         if name in ("solo", "threads"):
             from conveyor.worker.pools.threads import SoloPool, ThreadsPool
 
@@ -102,15 +119,10 @@ class Worker:
 
             return AsyncioPool(self.app, size, self._on_result, self._on_started)
         if name == "prefork":
-            if app_spec is None:
-                raise ConfigurationError(
-                    "the prefork pool starts processes that import the app: give its "
-                    "import path (-A module:app), or use pool='threads' or 'solo'")
-            from conveyor.worker.pools.prefork import PreforkPool
-
-            return PreforkPool(app_spec, size, self._on_result, self._on_started,
-                               max_tasks_per_child=max_tasks,
-                               max_memory_per_child=max_memory)
+            raise ConfigurationError(
+                "the prefork pool is a supervisor of processes, not a pool of this worker: "
+                "start it with `conveyor -A module worker` (conveyor.worker.supervisor), "
+                "or use pool='threads' or 'solo' in this process")
         raise ConfigurationError(
             f"unknown pool {name!r}; choose prefork, threads, asyncio or solo")
 
@@ -138,35 +150,34 @@ class Worker:
         self._declare_with_retry()
         self.pool.start()
         self.app.broker.set_prefetch(self.window())
+        self._announce()
+        self._start_fetching()
+        self._renewer.start()
+
+    def _start_fetching(self) -> None:
+        self._fetcher.start()
+
+    def _announce(self) -> None:
         logger.info("%s ready: pool=%s concurrency=%s queues=%s broker=%s", self.hostname,
                     self.pool.name, self.pool.size(), ",".join(self.queue_names),
                     redact_url(self.app.conf.broker_url))
-        self._fetcher.start()
 
     def _declare_with_retry(self) -> None:
-        delay = 0.5
-        while True:
-            try:
-                for queue in self.queues:
-                    self.app.broker.declare_queue(queue)
-                return
-            except BrokerError as exc:
-                if self._stopping.is_set():
-                    raise
-                logger.warning("Broker unavailable (%s); retrying in %.1fs", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        declare_queues(self.app.broker, self.queues, self._stopping)
 
     def run(self) -> None:
         """Start and serve until shut down (blocks)."""
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            self._install_signals()
         self.start()
         try:
             self.serve()
         finally:
             self.shutdown()
+
+    def _install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -191,7 +202,6 @@ class Worker:
     # -- fetching --------------------------------------------------------------------------
     def _fetch_loop(self) -> None:
         consumer = self.consumer
-        delay = 0.5
         while not self._stopping.is_set():
             with consumer.lock:
                 window = self.window()
@@ -201,31 +211,42 @@ class Worker:
                 if room <= 0 or (consumer.ready and room < max(1, window // 2)):
                     consumer.lock.wait(0.2)
                     continue
-            try:
-                deliveries = self.app.broker.fetch(self.queue_names, room, FETCH_TIMEOUT)
-            except BrokerError as exc:
-                self.consuming = False
-                logger.warning("Fetching from the broker failed (%s); retrying in %.1fs",
-                               exc, delay)
-                self._stopping.wait(delay)
-                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            self._fetch_batch(room, FETCH_TIMEOUT)
+
+    def _fetch_batch(self, room: int, timeout: float) -> None:
+        """Fetch up to ``room`` messages and take them in; a broker error is logged and
+        waited out with a growing pause."""
+        consumer = self.consumer
+        try:
+            deliveries = self.app.broker.fetch(self.queue_names, room, timeout)
+        except BrokerError as exc:
+            self.consuming = False
+            delay = self._fetch_delay
+            logger.warning("Fetching from the broker failed (%s); retrying in %.1fs",
+                           exc, delay)
+            self._stopping.wait(delay)
+            self._fetch_delay = min(delay * 2, RECONNECT_MAX_DELAY)
+            return
+        if not self.consuming:
+            self.consuming = True
+            if self._fetch_delay > 0.5:
+                logger.warning("Broker reachable again; consuming from %s",
+                               ",".join(self.queue_names))
+        self._fetch_delay = 0.5
+        for delivery in deliveries:
+            if self._stopping.is_set():
+                consumer.give_back(delivery, "worker shutting down")
                 continue
-            if not self.consuming:
-                self.consuming = True
-                if delay > 0.5:
-                    logger.warning("Broker reachable again; consuming from %s",
-                                   ",".join(self.queue_names))
-            delay = 0.5
-            for delivery in deliveries:
-                if self._stopping.is_set():
-                    consumer.give_back(delivery, "worker shutting down")
-                    continue
-                consumer.intake(delivery)
+            consumer.intake(delivery)
+        if deliveries:
+            self._fetched()
+
+    def _fetched(self) -> None:
+        """Called after each fetched batch went through intake."""
 
     # -- dispatching -----------------------------------------------------------------------
     def serve(self) -> None:
         consumer = self.consumer
-        next_renew = time.monotonic() + self.renew_interval
         while not self._stopping.is_set():
             jobs: list[Job] = []
             with consumer.lock:
@@ -236,15 +257,11 @@ class Worker:
                         break
                     jobs.append(job)
                 if not jobs:
-                    consumer.lock.wait(min(0.2, self.renew_interval))
+                    consumer.lock.wait(0.2)
             if jobs:
                 self._start_jobs(jobs)
-            now = time.monotonic()
-            if now >= next_renew:
-                self._renew_leases()
-                next_renew = now + self.renew_interval
             if self.autoscale is not None:
-                self._autoscale(now)
+                self._autoscale(time.monotonic())
 
     def _start_jobs(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -256,6 +273,12 @@ class Worker:
 
     def _on_result(self, job: Job, result: JobResult) -> None:
         self.consumer.finished(job, result)
+
+    def _renew_loop(self) -> None:
+        # A thread of its own: a task running in the dispatch thread (the prefork pool's
+        # processes run them there) must not let the leases of the messages lapse.
+        while not self._stopping.wait(self.renew_interval):
+            self._renew_leases()
 
     def _renew_leases(self) -> None:
         leased = self.consumer.leased()
@@ -291,7 +314,8 @@ class Worker:
     def shutdown(self) -> None:
         self._stopping.set()
         self.app.broker.wake()
-        self._fetcher.join(timeout=FETCH_TIMEOUT + 5)
+        if self._fetcher.is_alive():
+            self._fetcher.join(timeout=FETCH_TIMEOUT + 5)
         released = self.consumer.release_unstarted()
         if released:
             logger.info("Gave %d prefetched messages back to the broker", released)
@@ -300,6 +324,11 @@ class Worker:
         self.consumer.release_jobs(unfinished)
         self.consumer.release_unstarted()  # handed back by a process that ended meanwhile
         self.consumer.acker.close()
+        if self._renewer.is_alive():
+            self._renewer.join(timeout=5)
+        self._announce_stop()
+
+    def _announce_stop(self) -> None:
         logger.info("%s stopped after %d tasks", self.hostname, self.consumer.processed)
 
     def _stop_pool(self, graceful: bool) -> list[Job]:
