@@ -6,9 +6,9 @@ line on stdin, with one JSON object a line on stdout. Timing happens here, aroun
 client calls themselves, so the pipe to the harness is never part of a figure.
 
 Commands (``op``): ``purge`` (queue), ``enqueue`` (n: single calls after one untimed
-warm-up), ``bulk`` (calls, size), ``enqueue_io`` (n), ``round_trip`` (n, warmup),
-``quit``. Every answer has ``ok``; a failed command answers ``ok: false`` with the
-error, and the driver keeps serving.
+warm-up; ``late``: of the late-acknowledged no-op), ``bulk`` (calls, size), ``enqueue_io``
+(n), ``round_trip`` (n, warmup), ``quit``. Every answer has ``ok``; a failed command
+answers ``ok: false`` with the error, and the driver keeps serving.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ ROUND_TRIP_TIMEOUT = 10.0  # seconds for one result: a lost task fails the run, 
 
 class Driver(Protocol):
     def send_one(self) -> None: ...
+    def send_late(self) -> None: ...
     def send_batch(self, size: int, queue: str) -> None: ...
     def send_io(self) -> None: ...
     def round_trip(self) -> Any: ...
@@ -40,6 +41,9 @@ class ConveyorDriver:
 
     def send_one(self) -> None:
         self.mod.noop.delay()
+
+    def send_late(self) -> None:
+        self.mod.noop_late.delay()
 
     def send_batch(self, size: int, queue: str) -> None:
         from conveyor.canvas import group
@@ -64,6 +68,9 @@ class CeleryDriver:
 
     def send_one(self) -> None:
         self.mod.noop.delay()
+
+    def send_late(self) -> None:
+        self.mod.noop_late.delay()
 
     def send_batch(self, size: int, queue: str) -> None:
         from celery import group
@@ -95,6 +102,11 @@ class DramatiqDriver:
         self.mod = dramatiq_app
 
     def send_one(self) -> None:
+        self.mod.noop.send()
+
+    def send_late(self) -> None:
+        # Dramatiq acknowledges every message after its actor returns (it has no other
+        # mode), so the ordinary no-op is already a late-acknowledged one.
         self.mod.noop.send()
 
     def send_batch(self, size: int, queue: str) -> None:
@@ -138,8 +150,9 @@ def handle(driver: Driver, command: dict[str, Any]) -> dict[str, Any]:
     if op == "enqueue":
         # The warm-up call opens connections and declares the queue; it lands in the
         # queue too, so the worker's target is n + 1.
-        driver.send_one()
-        return {"sent": command["n"] + 1, "seconds": _timed(command["n"], driver.send_one)}
+        send = driver.send_late if command.get("late") else driver.send_one
+        send()
+        return {"sent": command["n"] + 1, "seconds": _timed(command["n"], send)}
     if op == "bulk":
         size, queue = command["size"], command["queue"]
         driver.send_batch(1, queue)  # warm-up: connections, declarations

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.measure import Summary
 from bench.runner import BASELINE, ROOT, Profile, Results, Run
@@ -26,6 +27,9 @@ from bench.systems.setups import (
     setup_for,
     shown,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ THROUGHPUT = (
     Column("enqueue_bulk", "enqueue, bulk \u00d71,000", _rate, True),
     Column("drain", "drain, after start-up", _rate, True),
     Column("drain_total", "drain, with start-up", _rate, True),
+    Column("drain_late", "drain late-ack, after start-up", _rate, True),
     Column("io", "I/O 10 ms at 100", _rate, True),
 )
 LATENCY = (
@@ -238,6 +243,19 @@ def how_it_was_run(run: Run, argv: Sequence[str]) -> str:
             if broker in SUPPORTED[system]:
                 setup = setup_for(system, broker, Path("<tmp>/bench.db"))
                 backends.append(f"{system} on {broker}: {setup.backend_note}")
+    # A run saved before the late-ack drain existed did not measure it.
+    late = any(metric == "drain_late"
+               for (_, _, metric) in [*run.results.samples, *run.results.errors])
+    late_drain = [
+        f"- **Drain late-ack**: after the round trip that worker stops, {p.drain_n:,} more "
+        "no-ops are queued (plus one warm-up call, as above) and the same worker command "
+        "starts again; rate after start-up, measured as the drain. Conveyor and Celery: "
+        "`noop_late`, the same no-op declared `acks_late=True`, so each message is "
+        "acknowledged after its task returns. Dramatiq always acknowledges after the actor "
+        "returns (it has no other mode), so its late-ack figure is its ordinary drain "
+        "(`noop`) run a second time and measured the same way: a run of its own, not the "
+        "drain figure copied.",
+    ] if late else []
     lines = [
         f"    python bench/harness.py {' '.join(argv)}".rstrip(),
         "",
@@ -259,18 +277,21 @@ def how_it_was_run(run: Run, argv: Sequence[str]) -> str:
         "processes starts (below). Start-up = from starting the command to the first "
         "execution; the drain ends at the last one. Each no-op INCRs a Redis counter "
         "(db 14), polled every 2 ms. *After start-up* = (n - 1) / (last - first execution); "
-        "*with start-up* = n / (last execution - command start).",
+        "*with start-up* = n / (last execution - command start). Conveyor and Celery "
+        "acknowledge each message as its task starts (their default, early ack); Dramatiq "
+        "after the actor returns (its only mode).",
         f"- **Round trip**: {p.round_trips} sequential `add.delay(1, 2).get()` on that "
         f"worker once idle, after {p.round_trip_warmup} untimed ones; p50 and p99 of each "
         "repetition, then median and min\u2013max over repetitions.",
+        *late_drain,
         f"- **I/O**: {p.io_n:,} tasks that sleep 10 ms then INCR, queued first, run by each "
         "system's best setting for 100 concurrent waits (below); rate after start-up. "
         "The ceiling is 100 / 10 ms = 10,000 tasks/s.",
         "- **Peak RSS**: the drain worker's process tree (parent plus every child), summed "
-        "every 50 ms during the drain with psutil; a page shared by several processes "
+        "every 50 ms during the (first) drain with psutil; a page shared by several processes "
         "counts in each.",
         "",
-        "Drain workers (2 processes):",
+        "Drain workers (2 processes)" + (", for both drains:" if late else ":"),
         "",
         *commands,
         "",
@@ -283,7 +304,8 @@ def how_it_was_run(run: Run, argv: Sequence[str]) -> str:
         "",
         "Result backends (round trips): " + "; ".join(backends) + ".",
         "",
-        "Every system runs with its defaults otherwise (prefetch, acks, Celery's "
+        "Every system runs with its defaults otherwise (prefetch, acks"
+        + (" but for the late-ack drain's task" if late else "") + ", Celery's "
         "mingle/gossip, Dramatiq's middleware plus Results), as a user starts it. "
         "Brokers: SQLite in a fresh file per cell, Redis db 14 on 127.0.0.1:6379, "
         "RabbitMQ on 127.0.0.1:5672 (vhost `/`).",
@@ -329,17 +351,28 @@ def chart(run: Run, path: Path) -> None:
     matplotlib.use("Agg")  # no display on a server
     import matplotlib.pyplot as plt
 
+    results = run.results
     panels = [
         ("drain", "Drain: 2 worker processes, after start-up", False, False),
+        ("drain_late", "Drain late-ack: 2 worker processes, after start-up", False, False),
         ("io", "I/O: 10 ms tasks at concurrency 100", False, False),
         ("enqueue_single", "Enqueue: one task per call", True, False),
         # The bare pipelined client is some 20x the rest: only a log scale shows both.
         ("enqueue_bulk", "Enqueue: bulk, calls of 1,000 (log scale)", True, True),
     ]
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
-    results = run.results
+    # A run saved before a figure existed (the late-ack drain) has no panel for it.
+    if not any(metric == "drain_late" for (_, _, metric) in results.samples):
+        panels = [panel for panel in panels if panel[0] != "drain_late"]
+    rows = (len(panels) + 1) // 2
+    figure_height = 4.0 * rows  # inches
+    figure, grid = plt.subplots(rows, 2, figsize=(12, figure_height), squeeze=False)
+    axes = list(grid.flat)
+    for spare in axes[len(panels):]:
+        spare.set_visible(False)
+    by_metric: dict[str, Axes] = {}
     for axis, (metric, title, with_baseline, log_scale) in zip(
-            axes.flat, panels, strict=True):
+            axes[:len(panels)], panels, strict=True):
+        by_metric[metric] = axis
         systems = [s for s in SYSTEMS if s in run.systems]
         if with_baseline:
             systems.append(BASELINE)
@@ -372,14 +405,20 @@ def chart(run: Run, path: Path) -> None:
         else:
             axis.set_ylim(top=axis.get_ylim()[1] * 1.08)  # room for the value labels
         axis.grid(axis="y", alpha=0.3)
+    # Both drains on one scale, so the cost of acknowledging late reads off the bars.
+    drains = [by_metric[metric] for metric in ("drain", "drain_late") if metric in by_metric]
+    top = max(axis.get_ylim()[1] for axis in drains)
+    for axis in drains:
+        axis.set_ylim(top=top)
     # One legend for all panels, from the panel that shows every series.
-    handles, labels = axes.flat[-1].get_legend_handles_labels()
+    handles, labels = by_metric["enqueue_bulk"].get_legend_handles_labels()
+    # The title and the legend keep the same height in inches however many rows follow.
     figure.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9,
-                  bbox_to_anchor=(0.5, 0.955), frameon=False)
+                  bbox_to_anchor=(0.5, 1 - 0.36 / figure_height), frameon=False)
     reps = run.profile.reps
     figure.suptitle(f"Conveyor, Celery and Dramatiq on {os.cpu_count()} cores, loopback: "
                     f"medians of {reps} repetition{'s' if reps != 1 else ''}, "
                     "bars span min\u2013max", fontsize=11)
-    figure.tight_layout(rect=(0, 0, 1, 0.93))
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.56 / figure_height))
     figure.savefig(path, dpi=110)
     plt.close(figure)

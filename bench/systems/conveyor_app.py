@@ -25,6 +25,12 @@ def noop() -> None:
     incr(env)
 
 
+@app.task(ignore_result=True, acks_late=True)
+def noop_late() -> None:
+    # The same no-op, acknowledged after it returns rather than before it starts.
+    incr(env)
+
+
 @app.task
 def add(x: int, y: int) -> int:
     return x + y
