@@ -75,10 +75,13 @@ def pool_pids(worker: WorkerProcess) -> set[int]:
 def test_killing_the_worker_ends_its_processes(
     app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
-    worker = start_worker(env, tmp_path / "w.log", "-c", "2")
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    worker = start_worker({**env, "TMPDIR": str(private_tmp)}, tmp_path / "w.log", "-c", "2")
     workers.append(worker)
     pid = proc_app.pid.delay().get(timeout=20)
     assert pid != worker.process.pid
+    assert len(list(private_tmp.glob("conveyor-gate-*"))) == 1
     wait_until(lambda: len(pool_pids(worker)) == 2, what="both processes up")
     descendants = psutil.Process(worker.process.pid).children(recursive=True)
     assert pid in {p.pid for p in descendants}
@@ -87,6 +90,9 @@ def test_killing_the_worker_ends_its_processes(
     # Nothing it started lives on: not the other process, not the fork server.
     wait_until(lambda: all(gone(p.pid) for p in descendants), timeout=10,
                what="every process the worker started gone")
+    # Its processes removed the idle gate (multiprocessing's own pymp-* directory stays:
+    # only an exit that runs the supervisor's cleanup removes it).
+    assert list(private_tmp.glob("conveyor-gate-*")) == []
 
 
 def test_the_cli_broker_override_reaches_the_processes(
@@ -204,11 +210,15 @@ def test_a_warm_stop_logs_one_summary_counting_every_process(
     app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     # Processes retire after 4 tasks: the count must include the ones that are gone.
-    worker = start_worker(env, tmp_path / "w.log", "-c", "2", "--max-tasks-per-child", "4")
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    worker = start_worker({**env, "TMPDIR": str(private_tmp)}, tmp_path / "w.log", "-c", "2",
+                          "--max-tasks-per-child", "4")
     workers.append(worker)
     results = [proc_app.add.delay(n, 1) for n in range(13)]
     assert [r.get(timeout=20) for r in results] == [n + 1 for n in range(13)]
     assert worker.stop() == 0
+    assert list(private_tmp.iterdir()) == []  # nothing left behind, the idle gate included
     text = worker.text()
     assert "Process retiring after 4 tasks" in text
     assert text.count("stopped after") == 1, text

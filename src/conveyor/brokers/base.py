@@ -28,9 +28,13 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from conveyor.envelope import Delivery, Envelope
 from conveyor.routing import Binding, Exchange, Queue
+
+if TYPE_CHECKING:
+    from conveyor.brokers.idle_gate import IdleGate
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +151,11 @@ class Broker(ABC):
 
     def wake(self) -> None:  # noqa: B027 - optional for brokers whose fetch never blocks long
         """Interrupt a ``fetch`` blocked in another thread."""
+
+    def share_idle_wait(self, gate: IdleGate) -> None:  # noqa: B027 - where idle waits are cheap
+        """Take turns with the other processes of one worker at waiting for messages
+        (see :mod:`conveyor.brokers.idle_gate`). Brokers that hand each message to one
+        consumer by themselves (AMQP), or that wake idle fetches cheaply, ignore it."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -62,6 +62,7 @@ from typing import Any, cast
 import redis
 from conveyor.brokers import redis_scripts as scripts
 from conveyor.brokers.base import Broker, QueueStats
+from conveyor.brokers.idle_gate import IdleGate
 from conveyor.brokers.redis_layout import check_queue_name, decode_envelope
 from conveyor.brokers.redis_restore import ForeignRestorer
 from conveyor.brokers.redis_routing import RedisTopology, Route, new_delivery_tag
@@ -342,7 +343,7 @@ class RedisBroker(Broker):
                 self._waiter.forget()  # its sockets are likely as dead as this one was
                 raise
             if deliveries:
-                self._waiter.quiet()
+                self._waiter.quiet(busy=len(deliveries) >= max_messages)
                 return deliveries
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -587,6 +588,9 @@ class RedisBroker(Broker):
     def wake(self) -> None:
         self._wake_requests.request()
         self._waiter.pipe.ring()
+
+    def share_idle_wait(self, gate: IdleGate) -> None:
+        self._waiter.gate = gate
 
     def close(self) -> None:
         """Close every connection; the object stays usable (it reconnects on use)."""

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import redis
+from conveyor.brokers.idle_gate import IdleGate
 from conveyor.redis_connection import RawConnection, RedisClients
 
 logger = logging.getLogger("conveyor.brokers.redis")
@@ -249,6 +250,8 @@ class IdleWaiter:
         self.pipe = WakePipe()
         self.polling_interval = polling_interval
         self._lock = threading.Lock()
+        self.gate: IdleGate | None = None
+        """Shared with the other processes of a prefork worker: one listens at a time."""
 
     def sleep(
         self, watched: frozenset[bytes], prefixes: tuple[str, ...], timeout: float
@@ -261,6 +264,13 @@ class IdleWaiter:
         try:
             listener = self.listener
             try:
+                gate = self.gate
+                if gate is not None and not gate.held:
+                    if not gate.acquire(timeout, self.pipe.read_fd):
+                        return []
+                    # Changes heard while a sibling listened are older than the look the
+                    # caller takes next; only fanout messages are worth keeping.
+                    return listener.wait(0, watched, None).fanout if listener.tracking else []
                 if listener.track(prefixes):
                     return []  # look once more: a push may have landed meanwhile
                 if not listener.tracking_supported:
@@ -290,9 +300,14 @@ class IdleWaiter:
         finally:
             self._lock.release()
 
-    def quiet(self) -> None:
-        """A busy fetch needs no change reports until it is idle again."""
-        if self.listener.tracking and self._lock.acquire(blocking=False):
+    def quiet(self, busy: bool) -> None:
+        """The fetch got messages: let a sibling listen, and if the queue seems ``busy``
+        (a full batch), stop the change reports until this fetch is idle again. After a
+        partial batch they stay on: the next sleep is near, and turning them back on
+        would cost a round trip."""
+        if self.gate is not None:
+            self.gate.release()
+        if busy and self.listener.tracking and self._lock.acquire(blocking=False):
             try:
                 self.listener.untrack()
             except (redis.RedisError, OSError):
@@ -302,6 +317,8 @@ class IdleWaiter:
 
     def forget(self) -> None:
         """Drop the connections (their server went away); reopened when next needed."""
+        if self.gate is not None:
+            self.gate.release()  # a sibling may find the server back first
         if self._lock.acquire(blocking=False):
             try:
                 self.listener.close()
@@ -315,6 +332,8 @@ class IdleWaiter:
         """Close the connections; the caller has rung the pipe, so a sleep ends soon."""
         with self._lock:
             self.listener.close()
+            if self.gate is not None:
+                self.gate.release()
 
 
 _CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)

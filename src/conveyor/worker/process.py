@@ -24,6 +24,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from conveyor import states
+from conveyor.brokers.idle_gate import IdleGate, remove_gate_directory
 from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.execution import LoopRunner
 from conveyor.logs import setup_logging
@@ -61,6 +62,8 @@ class ProcessSpec:
     log_level: int | None
     slots: int
     """How many records the shared board holds (the most processes at once)."""
+    idle_gate: str | None = None
+    """The directory of the gate through which idle processes take turns listening."""
 
 
 def _raise_soft_limit(signum: int, frame: Any) -> None:
@@ -247,16 +250,19 @@ class ProcessWorker(Worker):
         self._stopping.set()  # exit 0 unasked: the supervisor starts a fresh process
 
 
-def _die_with_supervisor(lifeline: Connection) -> None:
+def _die_with_supervisor(lifeline: Connection, gate_directory: str | None) -> None:
     """End this process the moment the supervisor is gone, however it ended.
 
     The supervisor holds the only writing end of ``lifeline`` and never writes: the read
     returns only when that end closes. The fork server outlives the supervisor while its
-    processes hold its own lifeline, so it cannot be relied on for this."""
+    processes hold its own lifeline, so it cannot be relied on for this. A supervisor
+    killed outright could not remove the idle gate's directory: its processes do."""
 
     def watch() -> None:
         with contextlib.suppress(EOFError, OSError):
             lifeline.recv_bytes()
+        if gate_directory is not None:
+            remove_gate_directory(gate_directory)
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="conveyor-lifeline", daemon=True).start()
@@ -299,13 +305,15 @@ def process_main(spec: ProcessSpec, board: Any, index: int, verdicts: Any,
     from conveyor.cli_app import load_app
 
     _die_with_parent()
-    _die_with_supervisor(lifeline)
+    _die_with_supervisor(lifeline, spec.idle_gate)
     if spec.log_level is not None:  # the fork server's processes start with logging unset
         setup_logging(spec.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     app = load_app(spec.app_spec)
     if spec.broker_url:
         app.configure(broker_url=spec.broker_url)
+    if spec.idle_gate is not None:
+        app.broker.share_idle_wait(IdleGate(spec.idle_gate))
     worker = ProcessWorker(app, spec, Slot(board, index))
     if not app.broker.settles_any_delivery:
         worker.consumer.verdict = RedeliveryJudge(app, Verdicts(verdicts), board, spec.slots,

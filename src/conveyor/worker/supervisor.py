@@ -20,6 +20,7 @@ hand-off through this process. The supervisor only keeps the processes alive:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from multiprocessing.connection import wait
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from conveyor.brokers.idle_gate import create_gate_directory, remove_gate_directory
 from conveyor.errors import ConfigurationError
 from conveyor.request import Request, request_context
 from conveyor.urls import redact_url
@@ -148,6 +150,7 @@ class Supervisor:
         self._respawn_after = 0.0
         self._idle_since = time.monotonic()
         self._last_scale = 0.0
+        self._gate_directory: str | None = None
         self.processed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -164,6 +167,8 @@ class Supervisor:
 
     def start(self) -> None:
         declare_queues(self.app.broker, self.queues, self._stopping)
+        self._gate_directory = create_gate_directory()
+        self.spec = dataclasses.replace(self.spec, idle_gate=self._gate_directory)
         for _ in range(self.target):
             self._spawn()
         logger.info("%s ready: pool=prefork concurrency=%s queues=%s broker=%s",
@@ -408,6 +413,8 @@ class Supervisor:
         os.close(self._wake_w)
         self._lifeline_r.close()
         self._lifeline_w.close()
+        if self._gate_directory is not None:
+            remove_gate_directory(self._gate_directory)
         logger.info("%s stopped after %d tasks", self.hostname, self.processed)
 
     def pids(self) -> list[int]:

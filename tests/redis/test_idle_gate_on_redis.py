@@ -1,0 +1,145 @@
+"""Idle processes of one prefork worker take turns listening to Redis, so one push wakes
+one process instead of all of them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.redis.conftest import PrivateRedis, ProcessWorker, start_conveyor_worker
+from tests.redis.conveyor_app import make_app
+from tests.redis.scratch import ScratchRedisBroker
+
+import redis
+from conveyor.brokers.idle_gate import IdleGate, create_gate_directory, remove_gate_directory
+from conveyor.brokers.redis import RedisBroker
+from conveyor.envelope import Delivery, Envelope
+
+PATIENCE = 10.0
+
+
+@pytest.fixture
+def gate_directory() -> Iterator[str]:
+    made = create_gate_directory()
+    yield made
+    remove_gate_directory(made)
+
+
+@pytest.fixture
+def connect(redis_url: str, prefix: str) -> Iterator[Callable[[], RedisBroker]]:
+    opened: list[RedisBroker] = []
+
+    def open_broker() -> RedisBroker:
+        broker = ScratchRedisBroker(redis_url, global_keyprefix=prefix)
+        opened.append(broker)
+        return broker
+
+    yield open_broker
+    for broker in opened:
+        broker.close()
+
+
+def envelope(body: str) -> Envelope:
+    return Envelope(body.encode(), "application/json", "utf-8", {"task": "t"}, {"priority": 0})
+
+
+def counting_takes(broker: RedisBroker) -> list[int]:
+    """Count the broker's fetch scripts (each look at the queues is one)."""
+    calls = [0]
+    take = broker._take
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return take(*args)
+
+    broker._take = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_process_waiting_at_the_gate_is_not_woken_by_a_push(
+    connect: Callable[[], RedisBroker], gate_directory: str
+) -> None:
+    sibling = IdleGate(gate_directory)  # another process of the worker, listening
+    assert sibling.acquire(0)
+    broker = connect()
+    broker.share_idle_wait(IdleGate(gate_directory))
+    takes = counting_takes(broker)
+    got: list[list[Delivery]] = []
+    fetching = threading.Thread(target=lambda: got.append(broker.fetch(["q"], 10, PATIENCE)))
+    fetching.start()
+    time.sleep(0.3)
+    connect().publish(envelope("m"), exchange="", routing_key="q")
+    time.sleep(0.5)
+    assert fetching.is_alive()  # the push was the listening sibling's to take
+    assert takes == [1]  # the look before queueing at the gate, and none since
+    sibling.release()  # the sibling leaves busy: this one listens now, and looks first
+    fetching.join(PATIENCE)
+    assert [d.envelope.body for batch in got for d in batch] == [b"m"]
+    assert takes == [2]
+    sibling.close()
+
+
+def test_change_reports_stay_on_after_a_partial_batch_and_stop_after_a_full_one(
+    connect: Callable[[], RedisBroker], gate_directory: str
+) -> None:
+    broker, producer = connect(), connect()
+    broker.share_idle_wait(IdleGate(gate_directory))
+    assert broker.fetch(["q"], 10, 0.2) == []  # idle: it listens, holding the gate
+    waiter = broker._waiter
+    assert waiter.listener.tracking
+    assert waiter.gate is not None
+    assert waiter.gate.held
+    producer.publish(envelope("one"), exchange="", routing_key="q")
+    partial = broker.fetch(["q"], 10, PATIENCE)
+    assert len(partial) == 1
+    assert waiter.listener.tracking  # the next sleep is near: no round trip to resume
+    assert not waiter.gate.held  # a sibling may listen while this one works
+    for n in range(3):
+        producer.publish(envelope(str(n)), exchange="", routing_key="q")
+    full = broker.fetch(["q"], 3, PATIENCE)
+    assert len(full) == 3
+    assert not waiter.listener.tracking  # busy: no report per push until idle again
+    broker.ack_many([*partial, *full])
+
+
+def fetch_scripts_run(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_one_round_trip_on_an_idle_four_process_worker_wakes_one_process(
+    private_redis: PrivateRedis, tmp_path: Path, processes: list[ProcessWorker]
+) -> None:
+    env = {**os.environ, "INTEROP_REDIS_URL": private_redis.url, "INTEROP_PREFIX": "gate:"}
+    worker = start_conveyor_worker(env, tmp_path / "w.log", "-P", "prefork", "-c", "4")
+    processes.append(worker)
+    app = make_app(
+        broker_url=private_redis.url,
+        result_backend=private_redis.url,
+        broker_transport_options={"global_keyprefix": "gate:"},
+        result_backend_transport_options={"global_keyprefix": "gate:"},
+    )
+    client = redis.Redis.from_url(private_redis.url)
+    try:
+        add = app.tasks["interop.add"]
+        for _ in range(5):  # every process up and idle
+            assert add.delay(1, 2).get(timeout=PATIENCE) == 3
+        time.sleep(1.0)
+        before = fetch_scripts_run(client)
+        rounds = 40
+        for n in range(rounds):
+            assert add.delay(n, 1).get(timeout=PATIENCE) == n + 1
+        per_round = (fetch_scripts_run(client) - before) / rounds
+        # Scripts per round trip: the fetch that takes the task, its ack, the result's
+        # store, the next look of the process that ran it and one sibling's: about six.
+        # With all four listening, each push and each pop wakes them all: ten or more.
+        assert per_round < 8, per_round
+    finally:
+        client.close()
+        app.close()
+    assert worker.stop() == 0
