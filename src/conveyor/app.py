@@ -226,13 +226,14 @@ class Conveyor:
         producer = self.producer
         plan = producer.plan(name, options)
         if plan is not None:
-            return AsyncResult(producer.send_plain(plan, name, args, kwargs, options), self)
+            task_id = producer.send_plain(plan, name, args, kwargs, options)
+            return AsyncResult.sent_now(task_id, self)
         message = producer.build(name, args, kwargs, options)
         target = self.router.resolve(name, args, kwargs, options)
         if target.priority is not None and options.get("priority") is None:
             message = dataclasses.replace(message, priority=target.priority)
         self.producer.publish(message, target, options)
-        return AsyncResult(message.id, self)
+        return AsyncResult.sent_now(message.id, self)
 
     def send_many(
         self,

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
+JUST_SENT = 1.0
+"""Seconds after sending within which ``get()`` expects no result yet (see
+:meth:`~conveyor.backends.base.ResultBackend.wait`)."""
+
 
 class AsyncResult(Generic[R]):
     """The state and result of one task, read from the app's result backend."""
@@ -27,6 +31,7 @@ class AsyncResult(Generic[R]):
         self.app = app
         self.parent = parent
         """The result of the step before this one in a chain (or a chord's header)."""
+        self._sent_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id}>"
@@ -105,7 +110,17 @@ class AsyncResult(Generic[R]):
 
         Raises :class:`conveyor.errors.TimeoutError` when ``timeout`` seconds pass first.
         """
-        return self._outcome(self.backend.wait(self.id, timeout), propagate)
+        sent_at, self._sent_at = self._sent_at, None
+        just_sent = sent_at is not None and time.monotonic() - sent_at < JUST_SENT
+        return self._outcome(self.backend.wait(self.id, timeout, just_sent=just_sent),
+                             propagate)
+
+    @classmethod
+    def sent_now(cls, task_id: str, app: Conveyor) -> AsyncResult[Any]:
+        """The result of a task this process has just sent."""
+        result: AsyncResult[Any] = cls(task_id, app)
+        result._sent_at = time.monotonic()
+        return result
 
     async def aget(self, timeout: float | None = None, propagate: bool = True) -> R:
         meta = await asyncio.to_thread(self.backend.wait, self.id, timeout)

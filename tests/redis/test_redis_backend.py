@@ -192,3 +192,38 @@ def test_result_extended_fields_from_a_celery_reader(
         assert celery_result.queue == "celery"
     finally:
         app.close()
+
+
+def counting_reads(backend: RedisBackend) -> list[int]:
+    reads = [0]
+    read = backend.get
+
+    def counted(task_id: str) -> Any:
+        reads[0] += 1
+        return read(task_id)
+
+    backend.get = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_get_right_after_sending_reads_once_after_subscribing(
+    redis_url: str, prefix: str
+) -> None:
+    from conveyor import Conveyor
+
+    app = Conveyor("t", broker="memory://", backend=f"{redis_url}?global_keyprefix={prefix}")
+    try:
+        reads = counting_reads(app.backend)  # type: ignore[arg-type]
+        sent = app.send_task("anything")  # nobody runs it: the test stores its result
+        threading.Timer(0.2, app.backend.store, (sent.id, success(sent.id, "late"))).start()
+        assert sent.get(timeout=10) == "late"
+        # No read before subscribing (it would find nothing), one after (it may not).
+        assert reads == [1]
+        reads[0] = 0
+        assert app.AsyncResult(sent.id).get(timeout=10) == "late"
+        assert reads == [1]  # a result not just sent is read first, and found
+        again = app.send_task("anything")
+        app.backend.store(again.id, success(again.id, "early"))
+        assert again.get(timeout=10) == "early"  # done already: the read after subscribing
+    finally:
+        app.close()

@@ -78,8 +78,12 @@ class ResultBackend(ABC):
                 found[task_id] = meta
         return found
 
-    def wait(self, task_id: str, timeout: float | None = None) -> Meta:
-        """Poll with a backoff from 0.5 ms to 50 ms; backends that can listen override it."""
+    def wait(self, task_id: str, timeout: float | None = None, *,
+             just_sent: bool = False) -> Meta:
+        """Poll with a backoff from 0.5 ms to 50 ms; backends that can listen override it.
+
+        ``just_sent`` says this process sent the task a moment ago, so a first read would
+        almost surely find nothing; a backend may skip it (the answer is the same)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = POLL_FIRST
         while True:

@@ -133,7 +133,8 @@ class MemoryBackend(ResultBackend):
             found = {task_id: self._store.live(task_id, now) for task_id in task_ids}
         return {task_id: self._decode(entry) for task_id, entry in found.items() if entry}
 
-    def wait(self, task_id: str, timeout: float | None = None) -> Meta:
+    def wait(self, task_id: str, timeout: float | None = None, *,
+             just_sent: bool = False) -> Meta:
         ready: _Entry | None = None
 
         def is_ready() -> bool:

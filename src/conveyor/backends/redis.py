@@ -202,11 +202,13 @@ class RedisBackend(ResultBackend):
                     found[task_id] = self._decode_stored(as_bytes(data))
         return found
 
-    def wait(self, task_id: str, timeout: float | None = None) -> Meta:
+    def wait(self, task_id: str, timeout: float | None = None, *,
+             just_sent: bool = False) -> Meta:
         """Return the document once ready, woken by the PUBLISH that stored it."""
-        meta = self.get(task_id)
-        if meta is not None and meta.get("status") in states.READY_STATES:
-            return meta
+        if not just_sent:  # else the read after subscribing is the first worth making
+            meta = self.get(task_id)
+            if meta is not None and meta.get("status") in states.READY_STATES:
+                return meta
         deadline = None if timeout is None else time.monotonic() + timeout
         listener = self._shared_listener()
         with listener.watching(self.task_key(task_id).encode()) as waiter:

@@ -176,7 +176,8 @@ class RpcBackend(ResultBackend):
             meta = self._results.get(task_id)
         return dict(meta) if meta is not None else None
 
-    def wait(self, task_id: str, timeout: float | None = None) -> Meta:
+    def wait(self, task_id: str, timeout: float | None = None, *,
+             just_sent: bool = False) -> Meta:
         if not self._declared:
             self._listen()
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -341,7 +341,8 @@ class SqlBackend(ResultBackend):
                 found[row.task_id] = meta_from_row(row, self._load)
         return found
 
-    def wait(self, task_id: str, timeout: float | None = None) -> Meta:
+    def wait(self, task_id: str, timeout: float | None = None, *,
+             just_sent: bool = False) -> Meta:
         if self._listener is None:
             return super().wait(task_id, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -171,7 +171,8 @@ class SqliteBackend(ResultBackend):
         row = self._store.run(lambda connection: connection.execute(_STATUS, params).fetchone())
         return row is not None and row[0] in states.READY_STATES
 
-    def wait(self, task_id: str, timeout: float | None = None) -> Meta:
+    def wait(self, task_id: str, timeout: float | None = None, *,
+             just_sent: bool = False) -> Meta:
         deadline = None if timeout is None else time.monotonic() + timeout
         # One schedule for the whole wait: a change that was not our result does not
         # bring the polling back to its fastest.
