@@ -19,6 +19,7 @@ from typing import Any
 
 import amqp  # type: ignore[import-untyped]
 from conveyor.brokers.amqp_delay import strip_chain_headers
+from conveyor.brokers.amqp_properties import encode_properties
 from conveyor.brokers.virtual import DeadLetter
 from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import EncodeError
@@ -44,6 +45,15 @@ keep there) are not sent."""
 PERSISTENT = 2
 FRAME_OVERHEAD = 1024
 _INT64 = 2**63
+
+
+class _Message(amqp.Message):  # type: ignore[misc]  # py-amqp is untyped
+    """py-amqp's message, with its content header's properties written by
+    :mod:`conveyor.brokers.amqp_properties` (the same bytes, sooner)."""
+
+    def _serialize_properties(self) -> bytes:
+        fast = encode_properties(self.properties)
+        return fast if fast is not None else bytes(super()._serialize_properties())
 
 
 def build_message(
@@ -74,7 +84,7 @@ def build_message(
     if "expiration" in properties:
         properties["expiration"] = str(properties["expiration"])
     estimate = _estimate(headers, "headers")
-    message = amqp.Message(
+    message = _Message(
         envelope.body,
         content_type=envelope.content_type,
         content_encoding=envelope.content_encoding,
