@@ -18,6 +18,7 @@ from tests.redis.scratch import ScratchRedisBroker
 import redis
 from conveyor.brokers.idle_gate import IdleGate, create_gate_directory, remove_gate_directory
 from conveyor.brokers.redis import RedisBroker
+from conveyor.brokers.redis_wakeup import FETCHES_BEFORE_QUIET
 from conveyor.envelope import Delivery, Envelope
 
 PATIENCE = 10.0
@@ -105,6 +106,14 @@ def test_change_reports_stay_on_after_a_partial_batch_and_stop_after_a_full_one(
     assert len(full) == 3
     assert not waiter.listener.tracking  # busy: no report per push until idle again
     broker.ack_many([*partial, *full])
+    assert broker.fetch(["q"], 10, 0.2) == []  # idle again: reports back on
+    assert waiter.listener.tracking
+    # Partial batches that never leave the fetch idle: nobody would read the reports.
+    for n in range(FETCHES_BEFORE_QUIET + 1):
+        producer.publish(envelope(str(n)), exchange="", routing_key="q")
+        assert waiter.listener.tracking
+        broker.ack_many(broker.fetch(["q"], 10, PATIENCE))
+    assert not waiter.listener.tracking
 
 
 def fetch_scripts_run(client: redis.Redis) -> int:

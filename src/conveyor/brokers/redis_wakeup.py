@@ -36,6 +36,9 @@ from conveyor.redis_connection import RawConnection, RedisClients
 logger = logging.getLogger("conveyor.brokers.redis")
 
 INVALIDATE_CHANNEL = b"__redis__:invalidate"
+FETCHES_BEFORE_QUIET = 8
+"""Fetches in a row that find messages, none of them full, after which change reports
+stop until the next sleep."""
 
 
 def minimal_prefixes(names: Iterable[str]) -> tuple[str, ...]:
@@ -250,6 +253,7 @@ class IdleWaiter:
         self.pipe = WakePipe()
         self.polling_interval = polling_interval
         self._lock = threading.Lock()
+        self._fetches_awake = 0  # fetches that found messages since the last sleep
         self.gate: IdleGate | None = None
         """Shared with the other processes of a prefork worker: one listens at a time."""
 
@@ -261,6 +265,7 @@ class IdleWaiter:
         if not self._lock.acquire(blocking=False):
             self.pipe_wait(min(timeout, 0.05))
             return []
+        self._fetches_awake = 0
         try:
             listener = self.listener
             try:
@@ -304,9 +309,12 @@ class IdleWaiter:
         """The fetch got messages: let a sibling listen, and if the queue seems ``busy``
         (a full batch), stop the change reports until this fetch is idle again. After a
         partial batch they stay on: the next sleep is near, and turning them back on
-        would cost a round trip."""
+        would cost a round trip. Unless fetches keep finding messages: then no sleep
+        reads the reports, and they would pile up in Redis's buffer for this client."""
         if self.gate is not None:
             self.gate.release()
+        self._fetches_awake += 1
+        busy = busy or self._fetches_awake > FETCHES_BEFORE_QUIET
         if busy and self.listener.tracking and self._lock.acquire(blocking=False):
             try:
                 self.listener.untrack()
