@@ -85,6 +85,23 @@ def test_a_process_waiting_at_the_gate_is_not_woken_by_a_push(
     sibling.close()
 
 
+def test_a_wake_left_over_from_before_the_fetch_does_not_make_it_spin(
+    connect: Callable[[], RedisBroker], gate_directory: str
+) -> None:
+    sibling = IdleGate(gate_directory)
+    assert sibling.acquire(0)
+    broker = connect()
+    broker.share_idle_wait(IdleGate(gate_directory))
+    broker.wake()  # ends the next fetch, and leaves its ring in the pipe
+    assert broker.fetch(["q"], 10, 1.0) == []
+    takes = counting_takes(broker)
+    began = time.monotonic()
+    assert broker.fetch(["q"], 10, 1.0) == []
+    assert time.monotonic() - began >= 0.9  # it waited its time at the gate
+    assert takes[0] <= 3  # without a look per loop for the whole second
+    sibling.close()
+
+
 def test_change_reports_stay_on_after_a_partial_batch_and_stop_after_a_full_one(
     connect: Callable[[], RedisBroker], gate_directory: str
 ) -> None:

@@ -272,6 +272,9 @@ class IdleWaiter:
                 gate = self.gate
                 if gate is not None and not gate.held:
                     if not gate.acquire(timeout, self.pipe.read_fd):
+                        # Read the ring that ended the wait (the fetch knows whether it
+                        # was meant for it); left in the pipe, it would end every wait.
+                        self.pipe.drain()
                         return []
                     # Changes heard while a sibling listened are older than the look the
                     # caller takes next; only fanout messages are worth keeping.
