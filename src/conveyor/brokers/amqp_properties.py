@@ -3,8 +3,8 @@ only faster.
 
 py-amqp encodes every header of every message through generic type dispatch: for a
 Celery task message (about twenty headers) that took 18 µs on the reference machine, 40%
-of the I/O thread's time while publishing, and it lies on the path of every confirmed
-``delay()``. A task's headers repeat from call to call, so the encoding of each
+of the time of the I/O thread, which writes every message published, so it bounded the
+publish rate. A task's headers repeat from call to call, so the encoding of each
 ``(key, value)`` pair of a simple value is remembered, and the rest is written directly.
 
 Only exact ``str``, ``bytes``, ``bool``, ``int``, ``float``, ``None``, ``dict``,
