@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from tests.redis.conftest import PrivateRedis, free_port
 
+import redis
 from conveyor import states
 from conveyor.backends.meta import build_meta
 from conveyor.backends.redis import RedisBackend
 from conveyor.brokers.redis import RedisBroker
 from conveyor.envelope import Envelope
 from conveyor.errors import BrokerUnavailable, ConfigurationError
-from conveyor.redis_connection import connection_kwargs, parse_url
+from conveyor.redis_connection import RedisClients, connection_kwargs, parse_url, run_script
 
 
 def message(body: str) -> Envelope:
@@ -272,3 +273,46 @@ def test_sentinel_finds_the_master(tmp_path: Path) -> None:
         sentinel.kill()
         sentinel.wait(timeout=10)
         master.kill()
+
+
+# -- scripts by the short road --------------------------------------------------------------
+def test_run_script_answers_as_the_script_object_does(private_redis: PrivateRedis) -> None:
+    client = redis.Redis.from_url(private_redis.url, protocol=2)
+    try:
+        script = client.register_script(
+            "redis.call('SET', KEYS[1], ARGV[1]) "
+            "return {redis.call('GET', KEYS[1]), tonumber(ARGV[2]), false, {ARGV[3]}}"
+        )
+        keys, args = ["k"], [b"v\x00", 7, "x"]
+        assert run_script(script, keys, args) == script(keys=keys, args=args)
+        assert run_script(script, keys, args) == [b"v\x00", 7, None, [b"x"]]
+        failing = client.register_script("return redis.error_reply('NOPE it failed')")
+        with pytest.raises(redis.ResponseError, match="NOPE it failed"):
+            run_script(failing, [], [])
+    finally:
+        client.close()
+
+
+def test_run_script_loads_a_script_redis_forgot(private_redis: PrivateRedis) -> None:
+    client = redis.Redis.from_url(private_redis.url, protocol=2)
+    try:
+        script = client.register_script("return ARGV[1] + 1")
+        assert run_script(script, [], [1]) == 2
+        client.script_flush()  # as after a restart or a failover
+        assert run_script(script, [], [41]) == 42
+    finally:
+        client.close()
+
+
+def test_run_script_survives_a_connection_the_server_closed(
+    private_redis: PrivateRedis,
+) -> None:
+    clients = RedisClients(private_redis.url, {})
+    try:
+        script = clients.client.register_script("return redis.call('INCR', KEYS[1])")
+        assert run_script(script, ["n"], []) == 1
+        private_redis.drop_clients()  # the pooled connection is now dead
+        assert run_script(script, ["n"], []) == 2  # the usual road's retry reconnects
+        assert run_script(script, ["n"], []) == 3
+    finally:
+        clients.close()

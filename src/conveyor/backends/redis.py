@@ -32,7 +32,7 @@ from conveyor.backends.base import Meta, ResultBackend, group_members
 from conveyor.backends.redis_chord import RedisChords
 from conveyor.backends.redis_listener import ResultListener
 from conveyor.errors import BackendError, BackendUnavailable, TimeoutError
-from conveyor.redis_connection import RedisClients, as_bytes, translated
+from conveyor.redis_connection import RedisClients, as_bytes, run_script, translated
 
 TASK_KEYPREFIX = "celery-task-meta-"
 GROUP_KEYPREFIX = "celery-taskset-meta-"
@@ -152,7 +152,7 @@ class RedisBackend(ResultBackend):
         data, _, _ = self.encode(meta)
         key, expiry = self.task_key(task_id), self._expiry_ms(self.expires)
         with self._redis():
-            outcome = self._store_script(keys=[key], args=[data, expiry])
+            outcome = run_script(self._store_script, [key], [data, expiry])
             if outcome == -1:
                 self._store_watching(key, data, expiry)
 

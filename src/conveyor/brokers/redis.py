@@ -78,7 +78,7 @@ from conveyor.brokers.virtual import (
 from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import BrokerError, BrokerUnavailable
 from conveyor.protocol import new_id
-from conveyor.redis_connection import RedisClients, as_bytes, as_text, translated
+from conveyor.redis_connection import RedisClients, as_bytes, as_text, run_script, translated
 from conveyor.routing import DEFAULT_EXCHANGE, Binding, Exchange, Queue
 
 logger = logging.getLogger("conveyor.brokers.redis")
@@ -206,7 +206,7 @@ class RedisBroker(Broker):
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         with self._redis():
-            return self._scripts[name](keys=list(keys), args=list(args))
+            return run_script(self._scripts[name], list(keys), list(args))
 
     # -- topology -----------------------------------------------------------------------
     def declare_exchange(self, exchange: Exchange) -> None:
