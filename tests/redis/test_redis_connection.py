@@ -18,7 +18,13 @@ from conveyor.backends.redis import RedisBackend
 from conveyor.brokers.redis import RedisBroker
 from conveyor.envelope import Envelope
 from conveyor.errors import BrokerUnavailable, ConfigurationError
-from conveyor.redis_connection import RedisClients, connection_kwargs, parse_url, run_script
+from conveyor.redis_connection import (
+    RedisClients,
+    connection_kwargs,
+    parse_url,
+    run_command,
+    run_script,
+)
 
 
 def message(body: str) -> Envelope:
@@ -314,5 +320,20 @@ def test_run_script_survives_a_connection_the_server_closed(
         private_redis.drop_clients()  # the pooled connection is now dead
         assert run_script(script, ["n"], []) == 2  # the usual road's retry reconnects
         assert run_script(script, ["n"], []) == 3
+    finally:
+        clients.close()
+
+
+def test_run_command_answers_and_survives_a_connection_the_server_closed(
+    private_redis: PrivateRedis,
+) -> None:
+    clients = RedisClients(private_redis.url, {})
+    try:
+        assert run_command(clients.client, "LPUSH", "l", b"a", b"b") == 2
+        private_redis.drop_clients()
+        assert run_command(clients.client, "LPUSH", "l", b"c") == 3
+        assert clients.client.lrange("l", 0, -1) == [b"c", b"b", b"a"]
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            run_command(clients.client, "INCR", "l")
     finally:
         clients.close()

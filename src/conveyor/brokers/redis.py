@@ -78,7 +78,14 @@ from conveyor.brokers.virtual import (
 from conveyor.envelope import Delivery, Envelope
 from conveyor.errors import BrokerError, BrokerUnavailable
 from conveyor.protocol import new_id
-from conveyor.redis_connection import RedisClients, as_bytes, as_text, run_script, translated
+from conveyor.redis_connection import (
+    RedisClients,
+    as_bytes,
+    as_text,
+    run_command,
+    run_script,
+    translated,
+)
 from conveyor.routing import DEFAULT_EXCHANGE, Binding, Exchange, Queue
 
 logger = logging.getLogger("conveyor.brokers.redis")
@@ -236,7 +243,7 @@ class RedisBroker(Broker):
             commands, fresh = self._publish_commands(items, delay)
             if len(commands) == 1:
                 # One command is atomic by itself, without MULTI/EXEC (or a pipeline).
-                cast(Any, self.client).execute_command(*commands[0])
+                run_command(self.client, *commands[0])
             elif commands:
                 with self.client.pipeline(transaction=True) as pipe:  # all or nothing
                     for command in commands:
