@@ -335,5 +335,8 @@ def test_run_command_answers_and_survives_a_connection_the_server_closed(
         assert clients.client.lrange("l", 0, -1) == [b"c", b"b", b"a"]
         with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
             run_command(clients.client, "INCR", "l")
+        private_redis.kill()  # down: no connection to be had, the usual error
+        with pytest.raises(redis.ConnectionError):
+            run_command(clients.client, "LPUSH", "l", b"d")
     finally:
         clients.close()
