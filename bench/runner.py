@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.measure import BenchError, Counter, WorkerProcess, drain, percentile
+from bench.measure import BenchError, Counter, Drained, WorkerProcess, drain, percentile
 from bench.settings import (
     AMQP_HOST,
     AMQP_PORT,
@@ -325,6 +325,16 @@ def _drain_and_round_trip(results: Results, profile: Profile, broker: str, syste
         worker.stop()
 
 
+def _drain_with(command: list[str], env: dict[str, str], log_path: Path, counter: Counter,
+                sent: int, timeout: float) -> Drained:
+    """Start the worker command, time it draining ``sent`` tasks, stop it."""
+    worker = WorkerProcess(command, env, ROOT, log_path)
+    try:
+        return drain(worker, counter, sent, timeout)
+    finally:
+        worker.stop()
+
+
 def _drain_late(results: Results, profile: Profile, broker: str, system: str,
                 driver: DriverProcess, names: Names, env: dict[str, str], counter: Counter,
                 prefix: Path, log: Any) -> None:
@@ -341,16 +351,14 @@ def _drain_late(results: Results, profile: Profile, broker: str, system: str,
         results.fail(broker, system, "drain_late", f"queueing: {exc}")
         log(f"    drain late-ack failed: {exc}")
         return
-    worker = WorkerProcess(drain_command(system, names.queue), env, ROOT,
-                           prefix.with_suffix(".late.log"))
     try:
-        drained = drain(worker, counter, int(answer["sent"]), drain_timeout(profile.drain_n))
+        drained = _drain_with(drain_command(system, names.queue), env,
+                              prefix.with_suffix(".late.log"), counter, int(answer["sent"]),
+                              drain_timeout(profile.drain_n))
     except (BenchError, OSError) as exc:
         results.fail(broker, system, "drain_late", f"drain: {exc}")
         log(f"    drain late-ack failed: {exc}")
         return
-    finally:
-        worker.stop()
     results.add(broker, system, "drain_late", drained.rate_without_startup)
     log(f"    drain late-ack {drained.rate_without_startup:>10,.0f} tasks/s "
         f"(start-up {drained.startup:.2f}s, {drained.rate_with_startup:,.0f}/s with it)")
@@ -367,16 +375,13 @@ def _io(results: Results, profile: Profile, broker: str, system: str,
         results.fail(broker, system, "io", f"enqueue: {exc}")
         log(f"    I/O            failed: {exc}")
         return
-    worker = WorkerProcess(io_command(system, names.io), env, ROOT,
-                           prefix.with_suffix(".io.log"))
     try:
-        drained = drain(worker, counter, int(answer["sent"]), drain_timeout(profile.io_n))
+        drained = _drain_with(io_command(system, names.io), env, prefix.with_suffix(".io.log"),
+                              counter, int(answer["sent"]), drain_timeout(profile.io_n))
     except (BenchError, OSError) as exc:
         results.fail(broker, system, "io", str(exc))
         log(f"    I/O            failed: {exc}")
         return
-    finally:
-        worker.stop()
     results.add(broker, system, "io", drained.rate_without_startup)
     log(f"    I/O 10 ms      {drained.rate_without_startup:>10,.0f} tasks/s "
         f"(start-up {drained.startup:.2f}s)")

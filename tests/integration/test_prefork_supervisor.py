@@ -9,7 +9,6 @@ process's prefetched messages come back at once, not a lease later.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from tests.integration.workers import (
     start_worker,
     wait_until,
 )
-from tests.redis.scratch import delete_prefixed, scratch_prefix
+from tests.redis.scratch import worker_env
 
 from conveyor import Conveyor
 from conveyor.errors import ConfigurationError, WorkerLostError
@@ -239,21 +238,11 @@ def test_the_memory_broker_is_refused_with_a_pointer_to_threads() -> None:
 
 
 @pytest.fixture
-def redis_env(redis_service: str, tmp_path: Path,
+def redis_env(redis_service: str,
               monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """Broker and backend on Redis under a key prefix of this test, with hour-long leases."""
-    prefix = scratch_prefix("prefork-")
-    url = f"{redis_service}?global_keyprefix={prefix}"
-    values = {
-        "CONVEYOR_BROKER_URL": url,
-        "CONVEYOR_RESULT_BACKEND": url,
-        "CONVEYOR_BROKER_TRANSPORT_OPTIONS": json.dumps({"visibility_timeout": 3600}),
-        "CONVEYOR_RESULT_EXPIRES": "600",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    yield {**os.environ, **values}
-    delete_prefixed(redis_service, prefix)
+    with worker_env(redis_service, monkeypatch, "prefork-", visibility_timeout=3600) as env:
+        yield env
 
 
 @pytest.fixture

@@ -6,9 +6,14 @@ other test uses; closing it deletes the keys under that prefix, and nothing else
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from tests.conftest import REDIS_URL, require_service
 
 import redis
@@ -30,6 +35,34 @@ def delete_prefixed(url: str, prefix: str) -> int:
         return len(keys)
     finally:
         client.close()
+
+
+@contextmanager
+def worker_env(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, label: str, visibility_timeout: float
+) -> Iterator[dict[str, str]]:
+    """``CONVEYOR_*`` variables (here and for worker processes) that put broker and
+    backend on Redis under a key prefix of their own, deleted afterwards.
+
+    The prefix rides in the URL: a suite may also run the CLI against other brokers with
+    these variables set, and transport options are given to whichever broker."""
+    prefix = scratch_prefix(label)
+    url = f"{redis_url}?global_keyprefix={prefix}"
+    values = {
+        "CONVEYOR_BROKER_URL": url,
+        "CONVEYOR_RESULT_BACKEND": url,
+        "CONVEYOR_BROKER_TRANSPORT_OPTIONS": json.dumps(
+            {"visibility_timeout": visibility_timeout}
+        ),
+        # A result a worker stores after the test deleted its keys expires soon anyway.
+        "CONVEYOR_RESULT_EXPIRES": "600",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield {**os.environ, **values}
+    finally:
+        delete_prefixed(redis_url, prefix)
 
 
 class ScratchRedisBroker(RedisBroker):

@@ -8,8 +8,6 @@ their own.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from tests.integration import test_chord_crash as chord_suite
 from tests.integration import test_worker_process as suite
 from tests.integration.conftest import workers  # noqa: F401 - the suite's fixture
 from tests.integration.workers import WorkerProcess, start_worker, wait_until
-from tests.redis.scratch import delete_prefixed, scratch_prefix
+from tests.redis.scratch import worker_env
 
 from conveyor import Conveyor
 
@@ -41,25 +39,10 @@ test_chord_body_runs_exactly_once_when_a_worker_dies = (
 
 
 @pytest.fixture
-def env(
-    redis_service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[dict[str, str]]:
+def env(redis_service: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """As the suite's own ``env`` (2 s leases), with Redis for broker and backend."""
-    # The prefix rides in the URL: the suite also runs the CLI against other brokers
-    # with these variables set, and transport options are given to whichever broker.
-    prefix = scratch_prefix("process-")
-    url = f"{redis_service}?global_keyprefix={prefix}"
-    values = {
-        "CONVEYOR_BROKER_URL": url,
-        "CONVEYOR_RESULT_BACKEND": url,
-        "CONVEYOR_BROKER_TRANSPORT_OPTIONS": json.dumps({"visibility_timeout": 2}),
-        # A result a worker stores after the test deleted its keys expires soon anyway.
-        "CONVEYOR_RESULT_EXPIRES": "600",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    yield {**os.environ, **values}
-    delete_prefixed(redis_service, prefix)
+    with worker_env(redis_service, monkeypatch, "process-", visibility_timeout=2) as values:
+        yield values
 
 
 @pytest.fixture

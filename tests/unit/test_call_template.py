@@ -204,21 +204,15 @@ def test_each_message_has_its_own_mutable_header_values() -> None:
     assert first.headers["timelimit"] is not second.headers["timelimit"]
 
 
-@pytest.mark.parametrize("bad", [{1, 2}, object()])
-def test_unencodable_arguments_fail_as_in_encode_task(bad: Any) -> None:
-    call = {**random_call(random.Random(6)), "args": [bad]}
-    template = {"task": "proj.add"}
-    with pytest.raises(EncodeError) as expected:
-        reference(template, call)
-    with pytest.raises(EncodeError) as got:
-        lean(template, call)
-    assert str(got.value) == str(expected.value)
-
-
-def test_circular_arguments_fail_as_in_encode_task() -> None:
+def circular() -> list[Any]:
     loop: list[Any] = []
     loop.append(loop)
-    call = {**random_call(random.Random(7)), "args": [loop]}
+    return loop
+
+
+@pytest.mark.parametrize("bad", [{1, 2}, object(), circular()])
+def test_unencodable_arguments_fail_as_in_encode_task(bad: Any) -> None:
+    call = {**random_call(random.Random(6)), "args": [bad]}
     template = {"task": "proj.add"}
     with pytest.raises(EncodeError) as expected:
         reference(template, call)

@@ -49,7 +49,7 @@ from conveyor.worker.slot import (
     Verdicts,
     delivery_from_ref,
 )
-from conveyor.worker.worker import declare_queues, expand_hostname
+from conveyor.worker.worker import declare_queues, expand_hostname, starting_size
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -113,8 +113,7 @@ class Supervisor:
         self.queues = app.router.consumed_queues(queues)
         self.queue_names = [q.name for q in self.queues]
         self.autoscale = autoscale
-        size = concurrency or conf.worker_concurrency or os.cpu_count() or 1
-        self.target = autoscale.minimum if autoscale is not None else size
+        self.target = starting_size(conf, concurrency, autoscale)
         root = logging.getLogger()
         self.spec = ProcessSpec(
             app_spec=app_spec,

@@ -35,6 +35,7 @@ from conveyor.worker.pools.base import Pool
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
     from conveyor.brokers.base import Broker
+    from conveyor.config import Settings
     from conveyor.routing import Queue
 
 logger = logging.getLogger("conveyor.worker")
@@ -50,6 +51,15 @@ def expand_hostname(template: str | None) -> str:
     value = template or "conveyor@%h"
     value = value.replace("%h", host).replace("%n", name).replace("%d", domain)
     return value.replace("%%", "%")
+
+
+def starting_size(conf: Settings, concurrency: int | None,
+                  autoscale: AutoscalePolicy | None) -> int:
+    """Slots to start with: the autoscale minimum, else ``-c``, else the setting, else
+    one per core."""
+    if autoscale is not None:
+        return autoscale.minimum
+    return concurrency or conf.worker_concurrency or os.cpu_count() or 1
 
 
 def declare_queues(broker: Broker, queues: Sequence[Queue], stopping: threading.Event) -> None:
@@ -86,9 +96,7 @@ class Worker:
         self.queues = app.router.consumed_queues(queues)
         self.queue_names = [q.name for q in self.queues]
         self.autoscale = autoscale
-        size = concurrency or conf.worker_concurrency or os.cpu_count() or 1
-        if autoscale is not None:
-            size = autoscale.minimum
+        size = starting_size(conf, concurrency, autoscale)
         self.pool_name = pool or conf.worker_pool
         self.prefetch_multiplier = (conf.worker_prefetch_multiplier
                                     if prefetch_multiplier is None else prefetch_multiplier)
