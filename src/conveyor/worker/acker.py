@@ -63,14 +63,13 @@ class Acker:
             first = self._pending.get()
             batch = [] if first is None else [first]
             stopping = first is None
-            until = time.monotonic() + linger
+            if not stopping and linger > 0:
+                # Asleep rather than waiting on the queue: an ack queued meanwhile then
+                # wakes nobody, and the task that queued it keeps the GIL.
+                time.sleep(linger)
             while len(batch) < BATCH_LIMIT:
                 try:
-                    wait = until - time.monotonic()
-                    if stopping or wait <= 0:
-                        item = self._pending.get_nowait()
-                    else:
-                        item = self._pending.get(timeout=wait)
+                    item = self._pending.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
