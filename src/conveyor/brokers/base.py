@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -108,6 +108,26 @@ class Broker(ABC):
     def fetch(
         self, queues: Sequence[str], max_messages: int, timeout: float
     ) -> list[Delivery]: ...
+
+    def fetch_ahead(
+        self, queues: Sequence[str], max_messages: int, note: Callable[[str], None]
+    ) -> bool:
+        """Send a fetch of up to ``max_messages`` and return without its reply, so the
+        request travels while the caller runs a task; the next :meth:`fetch` (or
+        :meth:`take_ahead`) reads it. ``note(fetch_id)`` is called before the request
+        leaves: should the caller die before reading the reply, whoever settles for it
+        gives the messages back with :meth:`release_unread`. False where the broker has
+        no such thing (the default) or one is pending already; then nothing was sent."""
+        return False
+
+    def take_ahead(self) -> list[Delivery]:
+        """The deliveries of the fetch sent ahead, if one is pending (thread-safe)."""
+        return []
+
+    def release_unread(self, queues: Sequence[str], fetch_id: str) -> int:
+        """Give back what the fetch ``fetch_id`` (sent ahead on ``queues``) took, when its
+        reply was never read; returns how many messages went back."""
+        return 0
 
     def set_prefetch(self, count: int) -> None:  # noqa: B027 - only push brokers need it
         """How many messages the consumer may hold unsettled (the worker's window:

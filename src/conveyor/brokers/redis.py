@@ -52,7 +52,7 @@ import secrets
 import time
 from binascii import b2a_base64
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _string
@@ -96,6 +96,7 @@ SCRIPTS = (
     "EXTEND",
     "DEFER",
     "REQUEUE",
+    "RELEASE_FETCH",
     "DEAD_LETTER",
     "RECORD",
     "RESTORE_FOREIGN",
@@ -161,6 +162,14 @@ def _held(delivery: Delivery) -> _Held:
     return delivery.broker_data
 
 
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """A fetch script sent on ``connection`` whose reply is still to be read."""
+
+    connection: Any
+    names: list[str]
+
+
 class RedisBroker(Broker):
     """Queues in Redis, laid out as kombu lays them out."""
 
@@ -199,6 +208,8 @@ class RedisBroker(Broker):
 
     def _start_process_state(self) -> None:
         self._pid = os.getpid()
+        self._ahead_lock = Lock()
+        self._ahead: _Ahead | None = None  # a fetch sent ahead, its reply unread
         self._waiter = IdleWaiter(self._clients, self.settings.polling_interval)
 
     def _check_pid(self) -> None:
@@ -329,6 +340,10 @@ class RedisBroker(Broker):
 
     # -- consuming ----------------------------------------------------------------------
     def fetch(self, queues: Sequence[str], max_messages: int, timeout: float) -> list[Delivery]:
+        ahead = self.take_ahead()
+        if ahead:
+            self._waiter.quiet(busy=len(ahead) >= max_messages)
+            return ahead
         names = unique_queue_names(queues, max_messages)
         self._check_pid()
         deadline = time.monotonic() + max(0.0, timeout)
@@ -369,26 +384,32 @@ class RedisBroker(Broker):
         room = max_messages - len(deliveries)
         if room <= 0:
             return deliveries, None
+        keys, args = self._fetch_call(names, room, secrets.token_hex(6) + ":")
+        return self._read_fetch_reply(names, self._run("FETCH", keys, args), deliveries)
+
+    def _fetch_call(self, names: list[str], room: int, prefix: str) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of the fetch script; ``prefix`` starts its lease tokens."""
         layout = self.layout
         keys = [layout.unacked, layout.unacked_index, layout.deliveries]
         for name in names:
             keys += layout.queue_keys(name)
         keys += [key for _, key in layout.fetch_order(names)]
         now = time.time()
-        prefix = secrets.token_hex(6) + ":"
-        reply = self._run(
-            "FETCH",
-            keys,
-            [
-                repr(now),
-                repr(now + self.visibility_timeout),
-                room,
-                prefix,
-                len(names),
-                self.settings.scan_limit,
-                self.settings.dead_letter_limit,
-            ],
-        )
+        return keys, [
+            repr(now),
+            repr(now + self.visibility_timeout),
+            room,
+            prefix,
+            len(names),
+            self.settings.scan_limit,
+            self.settings.dead_letter_limit,
+        ]
+
+    def _read_fetch_reply(
+        self, names: list[str], reply: Any, deliveries: list[Delivery]
+    ) -> tuple[list[Delivery], float | None]:
+        """``deliveries`` and those of the fetch script's ``reply``, and when the next
+        delayed message falls due."""
         next_due = float(reply[0]) if reply[0] else None
         if reply[1]:
             logger.error(
@@ -404,6 +425,66 @@ class RedisBroker(Broker):
                 )
             )
         return deliveries, next_due
+
+    # -- fetching ahead -------------------------------------------------------------------
+    def fetch_ahead(
+        self, queues: Sequence[str], max_messages: int, note: Callable[[str], None]
+    ) -> bool:
+        names = unique_queue_names(queues, max_messages)
+        self._check_pid()
+        if self.topology.fanout_patterns(names):
+            return False  # Celery's fanout messages wait in a buffer the usual fetch reads
+        with self._ahead_lock:
+            if self._ahead is not None:
+                return False
+            prefix = secrets.token_hex(6) + ":"
+            keys, args = self._fetch_call(names, max_messages, prefix)
+            script = self._scripts["FETCH"]
+            pool = self.client.connection_pool
+            try:
+                connection = cast(Any, pool).get_connection()
+            except redis.RedisError:
+                return False  # the usual fetch will meet the trouble and report it
+            note(prefix)
+            try:
+                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except redis.RedisError:
+                # Whether Redis ran it or not, nobody will read the reply: what it may
+                # have taken comes back when its lease lapses.
+                connection.disconnect()
+                pool.release(connection)
+                return False
+            self._ahead = _Ahead(connection, names)
+            return True
+
+    def take_ahead(self) -> list[Delivery]:
+        self._check_pid()  # a forked child starts with no fetch of its own pending
+        with self._ahead_lock:
+            ahead, self._ahead = self._ahead, None
+            if ahead is None:
+                return []
+            pool = self.client.connection_pool
+            try:
+                reply = ahead.connection.read_response()
+            except redis.exceptions.NoScriptError:
+                return []  # it did not run; the usual fetch loads the script
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                ahead.connection.disconnect()
+                logger.warning("Lost the reply of a fetch sent ahead (%s); what it took "
+                               "comes back when its lease lapses", exc)
+                return []
+            except redis.RedisError:
+                with self._redis():
+                    raise
+            finally:
+                pool.release(ahead.connection)
+        return self._read_fetch_reply(ahead.names, reply, [])[0]
+
+    def release_unread(self, queues: Sequence[str], fetch_id: str) -> int:
+        layout = self.layout
+        keys = [layout.unacked, layout.unacked_index, layout.deliveries]
+        keys += [layout.leased(name) for name in dict.fromkeys(queues)]
+        return int(self._run("RELEASE_FETCH", keys, [fetch_id]))
 
     @staticmethod
     def _delivery(queue: str, payload: bytes, tag: str, count: int, token: str) -> Delivery:

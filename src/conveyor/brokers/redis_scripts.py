@@ -272,6 +272,41 @@ return 1
 """
 )
 
+# Give back what one fetch leased when nobody read its reply (the fetch was sent ahead
+# and its process died): the leases whose token starts with the fetch's prefix. They go
+# back to the head of their lists, where the fetch took them from.
+# KEYS: unacked, unacked_index, deliveries, then the leased zset of each queue fetched.
+# ARGV: token prefix.   Returns how many went back.
+RELEASE_FETCH = (
+    _HELPERS
+    + """
+local prefix = ARGV[1]
+local found = {}
+for i = 4, #KEYS do
+  for _, tag in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
+    local rec = record_of(KEYS[3], tag)
+    if rec and type(rec.t) == 'string' and string.sub(rec.t, 1, #prefix) == prefix then
+      local payload = held_payload(KEYS[1], tag, rec)
+      local number = tonumber(string.sub(rec.t, #prefix + 1)) or 0
+      redis.call('ZREM', KEYS[i], tag)
+      rec.t = ''
+      save(KEYS[3], tag, rec)
+      if payload then
+        redis.call('HDEL', KEYS[1], tag)
+        redis.call('ZREM', KEYS[2], tag)
+        -- The token's number is the order the fetch took them in.
+        found[#found + 1] = {number, rec.q, payload}
+      end
+    end
+  end
+end
+-- The last taken goes back first, so the first taken ends up at the head again.
+table.sort(found, function(a, b) return a[1] > b[1] end)
+for _, item in ipairs(found) do redis.call('RPUSH', item[2], item[3]) end
+return #found
+"""
+)
+
 # KEYS: unacked, unacked_index, deliveries, leased, dead.
 # ARGV: tag, token, reason, now, cap.
 DEAD_LETTER = (
