@@ -274,3 +274,62 @@ def test_on_redis_a_dead_process_prefetched_messages_run_at_once(
     assert worker.stop() == 0
     stats = redis_app.broker.stats(["celery"])[0]
     assert (stats.ready, stats.leased) == (0, 0)  # nothing left to come back in an hour
+
+
+def test_on_redis_what_a_dead_process_fetched_ahead_runs_at_once(
+    redis_app: Conveyor, redis_env: dict[str, str], tmp_path: Path,
+    workers: list[WorkerProcess]
+) -> None:
+    # One fetch takes the first four; when the last of them (die) starts, the process
+    # sends the next fetch ahead, for the four behind, and dies before reading its reply.
+    before = [proc_app.add.delay(n, 0) for n in range(3)]
+    died = proc_app.die.delay()
+    behind = [proc_app.pid.delay() for _ in range(4)]
+    worker = start_worker(redis_env, tmp_path / "w.log", "-c", "1")
+    workers.append(worker)
+    assert [r.get(timeout=20) for r in before] == [0, 1, 2]
+    with pytest.raises(WorkerLostError):
+        died.get(timeout=20)
+    began = time.monotonic()
+    pids = {r.get(timeout=10) for r in behind}  # a lease is an hour: only a give-back helps
+    assert time.monotonic() - began < 10
+    assert len(pids) == 1  # all run by the process that replaced the dead one
+    assert "Gave back 4 messages process" in worker.text()
+    assert worker.stop() == 0
+    stats = redis_app.broker.stats(["celery"])[0]
+    assert (stats.ready, stats.leased) == (0, 0)
+
+
+@pytest.fixture
+def short_lease_env(redis_service: str,
+                    monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Broker and backend on Redis under a key prefix of this test, with 2 s leases."""
+    with worker_env(redis_service, monkeypatch, "prefork-", visibility_timeout=2) as env:
+        proc_app.app.config_from_object({})
+        yield env
+        proc_app.app.close()
+
+
+def test_on_redis_what_a_long_task_fetched_ahead_stays_leased_to_it(
+    short_lease_env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    # A 4 s task on 2 s leases: what was fetched ahead when it started must be renewed
+    # with the rest, or the other worker would run it too once its lease lapsed. The
+    # first fetch (a window of 2) takes 9 and block; block, the last, sends the next.
+    env = short_lease_env
+    log = tmp_path / "record.log"
+    results = [proc_app.record.delay(str(log), 9)]
+    blocked = proc_app.block.delay(str(log), 4)
+    results += [proc_app.record.delay(str(log), n) for n in range(4)]
+    first = start_worker(env, tmp_path / "w1.log", "-c", "1", "--prefetch-multiplier", "2")
+    workers.append(first)
+    wait_until(lambda: log.exists() and "block" in log.read_text(), what="block started")
+    second = start_worker(env, tmp_path / "w2.log", "-c", "1")
+    workers.append(second)
+    assert sorted(r.get(timeout=30) for r in results) == [0, 1, 2, 3, 9]
+    blocked.get(timeout=20)
+    time.sleep(1.0)  # time enough for the first worker to run what it held after block
+    lines = log.read_text().split()
+    assert sorted(lines) == ["0", "1", "2", "3", "9", "block"], lines  # each ran once
+    assert first.stop() == 0
+    assert second.stop() == 0

@@ -46,6 +46,19 @@ def test_a_fresh_buffer_reads_as_an_idle_process() -> None:
     assert slot.deadline() == 0.0
 
 
+def test_a_fetch_sent_ahead_is_named_until_the_next_held_list() -> None:
+    slot = Slot(new_buffer())
+    slot.write(sample_state())
+    slot.write_unread("4f1c0a9e2b7d:")
+    state = slot.read()
+    assert state.unread == "4f1c0a9e2b7d:"
+    assert state.held == sample_state().held  # the rest of the record is kept
+    slot.write_held([ref("tag-4")], [], backlog=1)  # its reply was read
+    assert slot.read().unread == ""
+    with pytest.raises(ValueError, match="too long"):
+        slot.write_unread("x" * 33)
+
+
 def test_write_then_read_round_trips_the_state() -> None:
     slot = Slot(new_buffer())
     state = sample_state()

@@ -223,6 +223,50 @@ class ProcessWorker(Worker):
         with self._slot_lock:
             position = self._positions.get(delivery.tag) if delivery is not None else None
             self.slot.write_running(record, deadline, now, len(self.consumer.ready), position)
+        self._fetch_ahead()
+
+    # -- fetching ahead ----------------------------------------------------------------------
+    def _fetch_ahead(self) -> None:
+        """The job about to run is the last one held: send the next fetch now, so it
+        travels while the job runs instead of after it.
+
+        The window bounds it as any fetch (a late-ack job keeps its place). With a
+        window of one (``--prefetch-multiplier 1``) or prefetch off, nothing is fetched
+        while a job runs: no message waits behind a long task. Measured with the
+        harness's drain (Redis, a Redis INCR per task, -c 2): 4,200-4,250/s without,
+        4,600-4,950/s with. Until the reply is read, the slot names the fetch, so the
+        supervisor can give back what it took if this process dies."""
+        if (self._stopping.is_set() or self.window() <= 1
+                or self._retiring_after_this_job()):
+            return
+        with self.consumer.lock:
+            room = 0 if self.consumer.ready else self.room()
+        if room > 0:
+            self.app.broker.fetch_ahead(self.queue_names, room, self._note_unread)
+
+    def _note_unread(self, fetch_id: str) -> None:
+        with self._slot_lock:
+            self.slot.write_unread(fetch_id)
+
+    def _collect_ahead(self) -> None:
+        """Take in the reply of a fetch sent ahead, if one is pending, from any thread:
+        the consumer's lock keeps the dispatch thread from starting one of its jobs
+        before the slot lists them."""
+        with self.consumer.lock:
+            deliveries = self.app.broker.take_ahead()
+            if not deliveries:
+                return
+            for delivery in deliveries:
+                if self._stopping.is_set():
+                    self.consumer.give_back(delivery, "worker shutting down")
+                else:
+                    self.consumer.intake(delivery)
+            self._fetched()
+
+    def _renew_leases(self) -> None:
+        # A long job: the messages fetched ahead must be held (and renewed) like the rest.
+        self._collect_ahead()
+        super()._renew_leases()
 
     def _on_result(self, job: Job, result: JobResult) -> None:
         super()._on_result(job, result)
@@ -234,8 +278,13 @@ class ProcessWorker(Worker):
         self._retire_if_due()
 
     def shutdown(self) -> None:
+        self._collect_ahead()  # given back below, with whatever else was not started
         super().shutdown()
         self._fetched()  # nothing held any more: the supervisor has nothing to give back
+
+    def _retiring_after_this_job(self) -> bool:
+        max_tasks = self.spec.max_tasks or 0
+        return max_tasks > 0 and self.consumer.processed + 1 >= max_tasks
 
     def _retire_if_due(self) -> None:
         spec = self.spec

@@ -27,11 +27,10 @@ if TYPE_CHECKING:
 
 SLOT_BYTES = 64 * 1024  # room for the records of some 350 held messages
 RUNNING_BYTES = 8 * 1024
-# sequence, deadline, started, idle since, processed, backlog, overflowed, running length,
-# held length
 # After the sequence number: deadline, started, idle since, processed, backlog,
-# overflowed, running length, held length, started mask.
-_FIELDS = struct.Struct("<dddqqbiiQ")
+# overflowed, running length, held length, started mask, unread fetch.
+UNREAD_BYTES = 32
+_FIELDS = struct.Struct(f"<dddqqbiiQ{UNREAD_BYTES}s")
 MASK_BITS = 64
 _HEADER_SIZE = 8 + _FIELDS.size
 _HELD_AT = _HEADER_SIZE + RUNNING_BYTES
@@ -102,6 +101,9 @@ class SlotState:
     """Messages whose ack was queued and maybe not sent yet."""
     started_mask: int = 0
     """Bit ``i``: ``held[i]`` has started since (for ``i`` < ``MASK_BITS``)."""
+    unread: str = ""
+    """The id of a fetch sent ahead whose reply the process had not read: what it took is
+    listed nowhere else (``Broker.release_unread`` gives it back)."""
 
     def settled_by_start(self, index: int) -> bool | None:
         """Whether ``held[index]`` started (so an early ack was due); None: unknown."""
@@ -131,8 +133,9 @@ class Slot:
         self._counter = _Sequence(buffer, index * SLOT_BYTES)
         current = self._counter.get()
         self._sequence = current + current % 2
-        # deadline, started, idle since, processed, backlog, overflowed, running, held, mask
-        self._fields: list[Any] = [0.0, 0.0, 0.0, 0, 0, False, 0, 0, 0]
+        # deadline, started, idle since, processed, backlog, overflowed, running, held,
+        # mask, unread
+        self._fields: list[Any] = [0.0, 0.0, 0.0, 0, 0, False, 0, 0, 0, b""]
 
     def clear(self) -> None:
         """Supervisor: a fresh record for the process about to take this slot."""
@@ -144,6 +147,7 @@ class Slot:
         self._fields[:5] = [state.deadline, state.started, state.idle_since, state.processed,
                             state.backlog]
         self._fields[8] = state.started_mask
+        self._fields[9] = state.unread.encode()
         self._put(_running_bytes(state.running),
                   self._held_bytes(state.held, state.acking, state.overflowed))
 
@@ -165,10 +169,21 @@ class Slot:
     def write_held(self, held: list[DeliveryRef], acking: list[DeliveryRef],
                    backlog: int, started: int = 0) -> None:
         """Messages were fetched: a new held list; ``started``: the mask of those that
-        already started (a late-ack job running)."""
+        already started (a late-ack job running). The reply of any fetch sent ahead has
+        been read by then: no fetch is unread."""
         self._fields[4] = backlog
         self._fields[8] = started
+        self._fields[9] = b""
         self._put(None, self._held_bytes(held, acking, False))
+
+    def write_unread(self, fetch_id: str) -> None:
+        """A fetch is about to be sent ahead: until the next held list, what it takes is
+        known by this id alone."""
+        encoded = fetch_id.encode()
+        if len(encoded) > UNREAD_BYTES:
+            raise ValueError(f"fetch id {fetch_id!r} is too long to record")
+        self._fields[9] = encoded
+        self._put(None, None)
 
     def _held_bytes(self, held: list[DeliveryRef], acking: list[DeliveryRef],
                     overflowed: bool) -> bytes:
@@ -202,8 +217,8 @@ class Slot:
         view = self._view
         for _ in range(attempts):
             (sequence, deadline, started, idle_since, processed, backlog, overflowed,
-             running_length, held_length, mask) = (self._counter.get(),
-                                                   *_FIELDS.unpack_from(view, 8))
+             running_length, held_length, mask, unread) = (self._counter.get(),
+                                                           *_FIELDS.unpack_from(view, 8))
             if sequence % 2:
                 time.sleep(0)
                 continue
@@ -215,7 +230,7 @@ class Slot:
             return SlotState(
                 deadline, started, idle_since, processed, backlog, bool(overflowed),
                 RunningJob(*pickle.loads(running)) if running else None,
-                held_lists[0], held_lists[1], mask)
+                held_lists[0], held_lists[1], mask, unread.rstrip(b"\0").decode())
         raise TornSlot("the process's record was being written when it was read")
 
 

@@ -34,7 +34,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from conveyor.brokers.idle_gate import create_gate_directory, remove_gate_directory
-from conveyor.errors import ConfigurationError
+from conveyor.errors import BrokerError, ConfigurationError
 from conveyor.request import Request, request_context
 from conveyor.urls import redact_url
 from conveyor.worker.autoscale import AutoscalePolicy
@@ -308,6 +308,7 @@ class Supervisor:
             logger.warning("Idle process %s exited with code %s; replacing it",
                            child.process.pid, code)
         self._give_back_held(state, running)
+        self._release_unread(child, state)
         if state.overflowed:
             logger.warning("Process %s held more messages than it could record; the rest "
                            "come back when their leases lapse", child.process.pid)
@@ -365,6 +366,21 @@ class Supervisor:
         for ref in state.acking:
             if ref[1] != running_tag:
                 self.settler.acknowledge(delivery_from_ref(ref))
+
+    def _release_unread(self, child: Child, state: SlotState) -> None:
+        """Give back what the process's fetch sent ahead took, if it died before reading
+        the reply (nothing of it can have started)."""
+        if not state.unread:
+            return
+        try:
+            released = self.app.broker.release_unread(self.queue_names, state.unread)
+        except BrokerError as exc:
+            logger.warning("Could not give back what process %s had fetched ahead (%s); it "
+                           "comes back when its leases lapse", child.process.pid, exc)
+            return
+        if released:
+            logger.info("Gave back %d messages process %s had fetched ahead", released,
+                        child.process.pid)
 
     def _autoscale(self, now: float) -> None:
         if now - self._last_scale < TURN:
