@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.measure import Summary
-from bench.runner import BASELINE, ROOT, Profile, Results, Run
+from bench.runner import BASELINE, ROOT, Profile, Results, Run, task_message_bytes
 from bench.settings import AMQP_HOST, AMQP_PORT, BENCH_REDIS_URL
 from bench.systems.setups import (
     SUPPORTED,
@@ -272,7 +272,8 @@ def how_it_was_run(run: Run, argv: Sequence[str]) -> str:
         "(`app.send_many`); Celery's and Dramatiq's send them one publish at a time over "
         "one connection (neither has a batch publish). The bare client row is "
         f"redis-py: {p.drain_n:,} single `LPUSH`es, then pipelines of {p.bulk_size:,} "
-        "(600-byte values, about a task message).",
+        f"(values of {task_message_bytes()} bytes, the size of a Conveyor `noop` message "
+        "on Redis).",
         f"- **Drain**: with the {p.drain_n:,} no-ops queued, one worker command with 2 "
         "processes starts (below). Start-up = from starting the command to the first "
         "execution; the drain ends at the last one. Each no-op INCRs a Redis counter "

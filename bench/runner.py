@@ -60,7 +60,27 @@ from bench.systems.setups import (
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "redis-py"  # the bare client, measured on the Redis row
-BASELINE_PAYLOAD = b"x" * 600  # about the size of a Celery/Conveyor task message on Redis
+
+
+def task_message_bytes() -> int:
+    """The size of one ``noop`` message as Conveyor's Redis broker stores it: the bare
+    client pushes values of this size, so both write the same number of bytes."""
+    from conveyor import Conveyor
+    from conveyor.brokers.redis_layout import encode_envelope
+    from conveyor.brokers.redis_routing import new_delivery_tag
+
+    app = Conveyor("bench", broker="memory://bench-message-size", backend=None)
+    try:
+        producer = app.producer
+        name = "bench.systems.conveyor_app.noop"
+        plan = producer.plan(name, {})
+        assert plan is not None  # a plain call: no eta, JSON, no compression
+        envelope, target = producer.plain(plan, name, (), {}, {})
+        text = encode_envelope(envelope, target.exchange, target.routing_key,
+                               new_delivery_tag())
+    finally:
+        app.close()
+    return len(text.encode())
 
 
 @dataclass(frozen=True)
@@ -395,19 +415,20 @@ def run_baseline(results: Results, profile: Profile, run_id: str, log: Any) -> N
 
     results.attempt("redis", BASELINE)
     key = f"bench:{run_id}:baseline"
+    payload = b"x" * task_message_bytes()
     client = redis.Redis.from_url(BENCH_REDIS_URL)
     try:
-        client.lpush(key, BASELINE_PAYLOAD)  # warm-up: the connection
+        client.lpush(key, payload)  # warm-up: the connection
         started = time.perf_counter()
         for _ in range(profile.drain_n):
-            client.lpush(key, BASELINE_PAYLOAD)
+            client.lpush(key, payload)
         single = profile.drain_n / (time.perf_counter() - started)
         client.delete(key)
         started = time.perf_counter()
         for _ in range(profile.bulk_calls):
             pipe = client.pipeline(transaction=False)
             for _ in range(profile.bulk_size):
-                pipe.lpush(key, BASELINE_PAYLOAD)
+                pipe.lpush(key, payload)
             pipe.execute()
         bulk = profile.bulk_calls * profile.bulk_size / (time.perf_counter() - started)
         results.add("redis", BASELINE, "enqueue_single", single)
