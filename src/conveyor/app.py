@@ -249,20 +249,37 @@ class Conveyor:
     def send_calls(
         self,
         calls: Iterable[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]],
+        shared: Mapping[str, Any] | None = None,
     ) -> list[str]:
-        """:meth:`send_many`, returning the task ids (groups need no result objects)."""
+        """:meth:`send_many`, returning the task ids (groups need no result objects).
+
+        ``shared``: options of every call, over each call's own (a group's ``queue=``).
+        Calls whose own options are all per call (ids, group) then share one plan."""
         producer = self.producer
         items: list[tuple[Envelope, str, str]] = []
         targets: list[Target] = []
         ids: list[str] = []
+        # Options given once are planned once, unless they delay the calls (each then
+        # goes on its own) or need checking (each call's merged options are checked).
+        hoisted = shared if shared and shared.keys() <= CALL_OPTIONS and (
+            shared.get("countdown") is None and shared.get("eta") is None) else None
+        merged = shared if shared and hoisted is None else None
         last_name, last_plan = None, None  # for calls whose options are all per call
-        for name, args, kwargs, options in calls:
+        for name, args, kwargs, own in calls:
+            options = own if merged is None else {**own, **merged}
             keys = options.keys()
             if keys <= PER_CALL_OPTIONS:
                 if name != last_name:
-                    last_name, last_plan = name, producer.plan(name, options)
+                    last_name = name
+                    last_plan = producer.plan(
+                        name, {**options, **hoisted} if hoisted is not None else options)
                 plan = last_plan
+                if hoisted is not None and (plan is None or plan.target is None):
+                    options = {**options, **hoisted}  # routed or built from every option
             else:
+                if hoisted is not None:
+                    options = {**options, **hoisted}
+                    keys = options.keys()
                 if not keys <= CALL_OPTIONS:
                     check_options(options, CALL_OPTIONS, "send_task option")
                 if options.get("countdown") is not None or options.get("eta") is not None:

@@ -291,10 +291,19 @@ class group(Signature):  # noqa: N801 - Celery's name, used as a function
 
     def apply_async(self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None,
                     **options: Any) -> GroupResult:
+        app = self._require_app()
+        members = self["kwargs"]["tasks"]
+        if not args and not kwargs and all(map(_is_plain, members)):
+            # Task calls alone, nothing to prepend: what clone() and freeze() below come
+            # to, without copying the members (send_members leaves them as they were).
+            merged = {**self.options, **options}
+            group_id = str(merged.get("group_id") or new_id())
+            ids = send_members(members, group_id, merged, app)
+            return GroupResult(group_id, [AsyncResult(str(i), app) for i in ids], app)
         call = self.clone(args, kwargs, **options)
         assert isinstance(call, group)
         result = call.freeze(options.get("group_id"))
-        send_members(call.tasks, result.id, call.options, self._require_app())
+        send_members(call.tasks, result.id, call.options, app)
         return result
 
 
@@ -389,25 +398,30 @@ class chord(Signature):  # noqa: N801 - Celery's name, used as a function
 
 
 def send_members(members: Sequence[Signature], group_id: str, options: Mapping[str, Any],
-                 app: Conveyor) -> None:
+                 app: Conveyor) -> list[str]:
     """Send a group's or a chord header's members: plain task calls together in one
-    broker operation, composite ones (chains, chords, groups) each on its own."""
+    broker operation, composite ones (chains, chords, groups) each on its own. Returns
+    the task ids of the plain ones, in order; one without an id gets a new one (its
+    signature is left as it was)."""
     shared = {k: v for k, v in options.items() if k not in (*MEMBERSHIP, "task_id")}
     body = options.get("chord")
     plain: list[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]] = []
+    ids: list[str] = []
     for index, member in enumerate(members):
-        if type(member) is Signature and member.get("subtask_type") not in _COMPOSITES:
+        if _is_plain(member):
             # What attach_membership() and member.clone(**shared).apply_async() do, without
-            # the copy.
-            own = member.options
-            own["group_id"] = group_id
-            own["group_index"] = index
+            # the copy; the shared options are applied over these by send_calls.
+            own = member["options"]
+            task_id = own.get("task_id") if own else None
+            if task_id is None:
+                task_id = new_id()
+            ids.append(task_id)
+            call = {**own, "task_id": task_id, "group_id": group_id, "group_index": index}
             if body is not None:
-                own["chord"] = body
-            merged = {**own, **shared} if shared else own
-            if not merged.keys() <= CALL_OPTIONS:
-                merged = _send_options(merged)
-            plain.append((member.task, member["args"] or (), member["kwargs"], merged))
+                call["chord"] = body
+            if not call.keys() <= CALL_OPTIONS:
+                call = _send_options(call)
+            plain.append((member["task"], member["args"] or (), member["kwargs"], call))
             continue
         if not isinstance(member, group):  # a nested group keeps its own id and indexes
             membership: dict[str, Any] = {"group_id": group_id, "group_index": index}
@@ -416,7 +430,13 @@ def send_members(members: Sequence[Signature], group_id: str, options: Mapping[s
             attach_membership(member, membership)
         member.apply_async(**shared)
     if plain:
-        app.send_calls(plain)
+        app.send_calls(plain, shared)
+    return ids
+
+
+def _is_plain(member: Any) -> bool:
+    """A task call, not a composite (chain, chord, group) that sends itself."""
+    return type(member) is Signature and member.get("subtask_type") not in _COMPOSITES
 
 
 MEMBERSHIP = ("group_id", "group_index", "chord")

@@ -384,8 +384,10 @@ class CallTemplate:
             id_json = (encode_basestring_ascii(task_id) if type(task_id) is str
                        else header_json(task_id))
             root_json = id_json if root_id is task_id else header_json(root_id)
-            group_json = "null" if group is None else header_json(group)
-            index_json = "null" if group_index is None else header_json(group_index)
+            group_json = ("null" if group is None else encode_basestring_ascii(group)
+                          if type(group) is str else header_json(group))
+            index_json = ("null" if group_index is None else int.__repr__(group_index)
+                          if type(group_index) is int else header_json(group_index))
             parent_json = "null" if parent_id is None else header_json(parent_id)
             if not (id_json is None or root_json is None or group_json is None
                     or index_json is None or parent_json is None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -107,3 +108,56 @@ def test_chord_header_members_carry_the_body(app: tuple[Conveyor, Capture]) -> N
     assert all(b'"chord": {"task": "proj.sum"' in body_bytes for body_bytes in embeds)
     indexes = sorted(envelope.headers["group_index"] for envelope, *_ in capture.sent)
     assert indexes == [0, 1, 2]
+
+
+@pytest.mark.parametrize("shared", [
+    {"queue": "shared"},
+    {"queue": "shared", "priority": 7},
+    {"headers": {"x-extra": "yes"}, "acks_late": True},  # the general path, for each
+    {"queue": "shared", "link": Signature("proj.log")},
+])
+def test_group_options_apply_over_each_members_own(
+    app: tuple[Conveyor, Capture], shared: dict[str, Any]
+) -> None:
+    conveyor, capture = app
+    members = [
+        Signature("proj.add", (1, 2), app=conveyor),
+        Signature("proj.add", (3, 4), options={"queue": "own", "priority": 1}, app=conveyor),
+        Signature("proj.mul", (), {"x": 5}, {"task_id": "chosen"}, app=conveyor),
+    ]
+    result = group(members).apply_async(group_id="the-group", **shared)
+    assert result.id == "the-group"
+    assert result.results[2].id == "chosen"
+    sent = sent_by_id(capture)
+    assert len(capture.sent) == len(members)
+    for index, (member, member_result) in enumerate(zip(members, result, strict=True)):
+        envelope, routing_key, delay = sent[member_result.id]
+        options = {**member.options, "task_id": member_result.id, "group_id": "the-group",
+                   "group_index": index, **shared}
+        expected, target = general(conveyor, member.task, member.args, member.kwargs, options)
+        assert delay is None
+        assert_same(envelope, expected)
+        assert routing_key == target.routing_key
+    assert "task_id" not in members[0].options  # the caller's signatures are untouched
+
+
+def test_a_group_countdown_delays_every_member(app: tuple[Conveyor, Capture]) -> None:
+    conveyor, capture = app
+    members = [Signature("proj.add", (i, i), app=conveyor) for i in range(3)]
+    group(members).apply_async(countdown=30)
+    delays = [delay for _, _, _, delay in capture.sent]
+    assert len(delays) == 3
+    assert all(delay is not None and 25 < delay <= 30 for delay in delays), delays
+
+
+def test_arguments_given_to_a_group_are_prepended_to_each_member(
+    app: tuple[Conveyor, Capture],
+) -> None:
+    conveyor, capture = app
+    members = [Signature("proj.add", (1,), app=conveyor),
+               Signature("proj.add", (2,), immutable=True, app=conveyor)]
+    result = group(members).apply_async((9,), queue="shared")
+    sent = sent_by_id(capture)
+    bodies = [json.loads(sent[r.id][0].body)[0] for r in result]
+    assert bodies == [[9, 1], [2]]
+    assert {routing_key for _, routing_key, _ in sent.values()} == {"shared"}
