@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -31,6 +32,7 @@ from tests.redis.scratch import worker_env
 
 from conveyor import Conveyor
 from conveyor.errors import ConfigurationError, WorkerLostError
+from conveyor.result import AsyncResult
 from conveyor.testing import memory_app
 from conveyor.worker.supervisor import Supervisor
 
@@ -265,6 +267,12 @@ def test_on_redis_a_dead_process_prefetched_messages_run_at_once(
                           "--prefetch-multiplier", "8")
     workers.append(worker)
     assert first.get(timeout=20) == 0.5
+    assert_run_at_once_after_the_death(redis_app, worker, died, behind)
+
+
+def assert_run_at_once_after_the_death(app: Conveyor, worker: WorkerProcess,
+                                       died: AsyncResult[Any],
+                                       behind: list[AsyncResult[Any]]) -> None:
     with pytest.raises(WorkerLostError):
         died.get(timeout=20)
     began = time.monotonic()
@@ -272,7 +280,7 @@ def test_on_redis_a_dead_process_prefetched_messages_run_at_once(
     assert time.monotonic() - began < 10
     assert len(pids) == 1  # all run by the process that replaced the dead one
     assert worker.stop() == 0
-    stats = redis_app.broker.stats(["celery"])[0]
+    stats = app.broker.stats(["celery"])[0]
     assert (stats.ready, stats.leased) == (0, 0)  # nothing left to come back in an hour
 
 
@@ -288,16 +296,8 @@ def test_on_redis_what_a_dead_process_fetched_ahead_runs_at_once(
     worker = start_worker(redis_env, tmp_path / "w.log", "-c", "1")
     workers.append(worker)
     assert [r.get(timeout=20) for r in before] == [0, 1, 2]
-    with pytest.raises(WorkerLostError):
-        died.get(timeout=20)
-    began = time.monotonic()
-    pids = {r.get(timeout=10) for r in behind}  # a lease is an hour: only a give-back helps
-    assert time.monotonic() - began < 10
-    assert len(pids) == 1  # all run by the process that replaced the dead one
+    assert_run_at_once_after_the_death(redis_app, worker, died, behind)
     assert "Gave back 4 messages process" in worker.text()
-    assert worker.stop() == 0
-    stats = redis_app.broker.stats(["celery"])[0]
-    assert (stats.ready, stats.leased) == (0, 0)
 
 
 @pytest.fixture
