@@ -2,8 +2,9 @@
 
 Dispatching a job and reading a finished one must not wait for a broker round trip, and
 one round trip can settle many messages. Acks queue here and a thread sends whatever has
-gathered while the previous batch was on the wire (or within the broker's
-``ack_linger``). An ack that is late by a few milliseconds changes nothing a user can
+gathered while the previous batch was on the wire or while it slept the broker's
+``ack_linger`` after the first (asleep, not waiting on the queue, so queuing an ack wakes
+no thread). An ack that is late by a few milliseconds changes nothing a user can
 see; one that never arrives (the worker died) lets the lease lapse and the message is
 delivered again: at-least-once holds. Where acking never waits (AMQP's I/O thread sends
 them), acks skip this thread.

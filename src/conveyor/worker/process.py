@@ -174,7 +174,8 @@ class ProcessWorker(Worker):
 
     # -- fetching in the main thread ----------------------------------------------------------
     def _start_fetching(self) -> None:
-        """No fetch thread: the one slot fetches when it has nothing left to run.
+        """No fetch thread: the one slot fetches when it has nothing left to run (or
+        sends the fetch ahead as its last task starts, see :meth:`_fetch_ahead`).
 
         A fetch thread would prefetch while the task runs, but it also takes the GIL each
         time the task's own I/O lets it go (a send, a select), and the task then waits
