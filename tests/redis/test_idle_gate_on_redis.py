@@ -3,6 +3,7 @@ one process instead of all of them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ from tests.redis.conveyor_app import make_app
 from tests.redis.scratch import ScratchRedisBroker
 
 import redis
+from conveyor.brokers import redis_scripts
 from conveyor.brokers.idle_gate import IdleGate, create_gate_directory, remove_gate_directory
 from conveyor.brokers.redis import RedisBroker
 from conveyor.brokers.redis_wakeup import FETCHES_BEFORE_QUIET
@@ -169,3 +171,69 @@ def test_one_round_trip_on_an_idle_four_process_worker_wakes_one_process(
         client.close()
         app.close()
     assert worker.stop() == 0
+
+
+def fetch_script_calls(url: str, during: Callable[[], None]) -> int:
+    """How many times the fetch script ran while ``during`` ran (Redis's MONITOR)."""
+    sha = hashlib.sha1(redis_scripts.FETCH.encode()).hexdigest()
+    calls = 0
+
+    def watch(monitor: Any) -> None:
+        nonlocal calls
+        while True:
+            command = monitor.next_command()["command"]
+            if command.startswith(f"EVALSHA {sha}"):
+                calls += 1
+            elif command == "ECHO watch-end":
+                return
+
+    watcher = redis.Redis.from_url(url)
+    pinger = redis.Redis.from_url(url)
+    try:
+        with watcher.monitor() as monitor:
+            thread = threading.Thread(target=watch, args=(monitor,))
+            thread.start()
+            try:
+                during()
+            finally:
+                pinger.execute_command("ECHO", "watch-end")
+                thread.join(timeout=PATIENCE)
+    finally:
+        watcher.close()
+        pinger.close()
+    return calls
+
+
+def test_a_worker_with_no_backlog_sends_no_fetch_ahead(
+    private_redis: PrivateRedis, tmp_path: Path, processes: list[ProcessWorker]
+) -> None:
+    # One task at a time: a fetch sent ahead as it starts would find nothing, and cost
+    # the round trip a script of its own.
+    env = {**os.environ, "INTEROP_REDIS_URL": private_redis.url, "INTEROP_PREFIX": "gate:"}
+    worker = start_conveyor_worker(env, tmp_path / "w.log", "-P", "prefork", "-c", "1",
+                                   "--prefetch-multiplier", "4")
+    processes.append(worker)
+    app = make_app(
+        broker_url=private_redis.url,
+        result_backend=private_redis.url,
+        broker_transport_options={"global_keyprefix": "gate:"},
+        result_backend_transport_options={"global_keyprefix": "gate:"},
+    )
+    rounds = 20
+    try:
+        add = app.tasks["interop.add"]
+        assert add.delay(1, 2).get(timeout=PATIENCE) == 3
+        time.sleep(0.5)
+
+        def round_trips() -> None:
+            for n in range(rounds):
+                assert add.delay(n, 1).get(timeout=PATIENCE) == n + 1
+            time.sleep(0.2)  # the process's look after the last one
+
+        per_round = fetch_script_calls(private_redis.url, round_trips) / rounds
+    finally:
+        app.close()
+    assert worker.stop() == 0
+    # The fetch that takes the task and the look after it that finds nothing: two. A
+    # fetch sent ahead as the task starts would make it three.
+    assert per_round < 2.5, per_round

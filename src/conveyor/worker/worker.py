@@ -221,9 +221,9 @@ class Worker:
                     continue
             self._fetch_batch(room, FETCH_TIMEOUT)
 
-    def _fetch_batch(self, room: int, timeout: float) -> None:
+    def _fetch_batch(self, room: int, timeout: float) -> int:
         """Fetch up to ``room`` messages and take them in; a broker error is logged and
-        waited out with a growing pause."""
+        waited out with a growing pause. Returns how many were fetched."""
         consumer = self.consumer
         try:
             deliveries = self.app.broker.fetch(self.queue_names, room, timeout)
@@ -234,7 +234,7 @@ class Worker:
                            exc, delay)
             self._stopping.wait(delay)
             self._fetch_delay = min(delay * 2, RECONNECT_MAX_DELAY)
-            return
+            return 0
         if not self.consuming:
             self.consuming = True
             if self._fetch_delay > 0.5:
@@ -248,6 +248,7 @@ class Worker:
             consumer.intake(delivery)
         if deliveries:
             self._fetched()
+        return len(deliveries)
 
     def _fetched(self) -> None:
         """Called after each fetched batch went through intake."""
