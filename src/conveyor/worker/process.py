@@ -242,10 +242,10 @@ class ProcessWorker(Worker):
         the way of that task's round trip. The window bounds it as any fetch (a late-ack
         job keeps its place). With a window of one (``--prefetch-multiplier 1``) or
         prefetch off, nothing is fetched while a job runs: no message waits behind a
-        long task. Measured with the
-        harness's drain (Redis, a Redis INCR per task, -c 2): 4,200-4,250/s without,
-        4,600-4,950/s with. Until the reply is read, the slot names the fetch, so the
-        supervisor can give back what it took if this process dies."""
+        long task. Measured with the harness's drain (Redis, a Redis INCR per task,
+        -c 2): 4,200-4,250/s without, 4,600-4,950/s with. Until the reply is read, the
+        slot names the fetch, so the supervisor can give back what it took if this
+        process dies."""
         if (not self._backlog or self._stopping.is_set() or self.window() <= 1
                 or self._retiring_after_this_job()):
             return
