@@ -100,3 +100,19 @@ def raw(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+def test_a_fetch_whose_reply_was_lost_gives_back_what_it_took(
+        connect: Callable[..., RedisBroker]) -> None:
+    broker = connect()
+    publish(broker, "1", "2", "3")
+    assert broker.fetch_ahead([QUEUE], 2, lambda _: None)
+    assert counts(broker) == (1, 2)  # the script ran
+    # The reply is lost as a connection dying at that moment loses it: the reply always
+    # arrives before a server-side kill could, so the connection is cut on this side.
+    pending = broker._ahead
+    assert pending is not None
+    pending.connection.disconnect()
+    assert broker.take_ahead() == []
+    assert counts(broker) == (3, 0)  # back now, not when the leases lapse in an hour
+    assert bodies(broker.fetch([QUEUE], 3, timeout=0)) == ["1", "2", "3"]

@@ -168,6 +168,7 @@ class _Ahead:
 
     connection: Any
     names: list[str]
+    prefix: str
 
 
 class RedisBroker(Broker):
@@ -175,6 +176,7 @@ class RedisBroker(Broker):
 
     scheme = "redis"
     supports_priority = False
+    fetches_ahead = True
 
     def __init__(
         self, url: str, *, visibility_timeout: float = 3600.0, **transport_options: Any
@@ -454,7 +456,7 @@ class RedisBroker(Broker):
                 connection.disconnect()
                 pool.release(connection)
                 return False
-            self._ahead = _Ahead(connection, names)
+            self._ahead = _Ahead(connection, names, prefix)
             return True
 
     def take_ahead(self) -> list[Delivery]:
@@ -470,8 +472,7 @@ class RedisBroker(Broker):
                 return []  # it did not run; the usual fetch loads the script
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 ahead.connection.disconnect()
-                logger.warning("Lost the reply of a fetch sent ahead (%s); what it took "
-                               "comes back when its lease lapses", exc)
+                self._release_lost_fetch(ahead, exc)
                 return []
             except redis.RedisError:
                 with self._redis():
@@ -479,6 +480,19 @@ class RedisBroker(Broker):
             finally:
                 pool.release(ahead.connection)
         return self._read_fetch_reply(ahead.names, reply, [])[0]
+
+    def _release_lost_fetch(self, ahead: _Ahead, exc: Exception) -> None:
+        """The reply of a fetch sent ahead was lost with its connection: give back what
+        it took now (on a new connection), not when the leases lapse."""
+        try:
+            released = self.release_unread(ahead.names, ahead.prefix)
+        except BrokerError as again:
+            logger.warning("Lost the reply of a fetch sent ahead (%s) and could not give "
+                           "back what it took (%s); it comes back when its leases lapse",
+                           exc, again)
+            return
+        logger.warning("Lost the reply of a fetch sent ahead (%s); gave back the %d "
+                       "messages it took", exc, released)
 
     def release_unread(self, queues: Sequence[str], fetch_id: str) -> int:
         layout = self.layout
