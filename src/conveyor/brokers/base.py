@@ -65,6 +65,9 @@ class Broker(ABC):
     acks_wait: bool = True
     """Whether ``ack_many`` waits for the broker. Where it only queues the ack for an I/O
     thread (AMQP), the worker calls it directly instead of through a thread of its own."""
+    fetches_ahead: bool = False
+    """Whether :meth:`fetch_ahead` can send a fetch at all (Redis): the worker asks only
+    then, rather than working out the room for a fetch before every task."""
     settles_any_delivery: bool = True
     """Whether any connection may ack or requeue a delivery from its tag, as with leases
     kept in the broker (SQLite, Redis). In AMQP only the receiving channel can; when it

@@ -246,7 +246,8 @@ class ProcessWorker(Worker):
         -c 2): 4,200-4,250/s without, 4,600-4,950/s with. Until the reply is read, the
         slot names the fetch, so the supervisor can give back what it took if this
         process dies."""
-        if (not self._backlog or self._stopping.is_set() or self.window() <= 1
+        if (not self._backlog or not self.app.broker.fetches_ahead
+                or self._stopping.is_set() or self.window() <= 1
                 or self._retiring_after_this_job()):
             return
         with self.consumer.lock:
