@@ -17,6 +17,7 @@ from tests.redis.conveyor_app import make_app
 from tests.redis.scratch import ScratchRedisBroker
 
 import redis
+from conveyor import Conveyor
 from conveyor.brokers import redis_scripts
 from conveyor.brokers.idle_gate import IdleGate, create_gate_directory, remove_gate_directory
 from conveyor.brokers.redis import RedisBroker
@@ -140,11 +141,12 @@ def fetch_scripts_run(client: redis.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-def test_one_round_trip_on_an_idle_four_process_worker_wakes_one_process(
-    private_redis: PrivateRedis, tmp_path: Path, processes: list[ProcessWorker]
-) -> None:
+def prefork_worker_and_app(private_redis: PrivateRedis, tmp_path: Path,
+                           processes: list[ProcessWorker],
+                           *args: str) -> tuple[ProcessWorker, Conveyor]:
+    """A prefork worker of the interop app on the private Redis, and a client app."""
     env = {**os.environ, "INTEROP_REDIS_URL": private_redis.url, "INTEROP_PREFIX": "gate:"}
-    worker = start_conveyor_worker(env, tmp_path / "w.log", "-P", "prefork", "-c", "4")
+    worker = start_conveyor_worker(env, tmp_path / "w.log", "-P", "prefork", *args)
     processes.append(worker)
     app = make_app(
         broker_url=private_redis.url,
@@ -152,6 +154,13 @@ def test_one_round_trip_on_an_idle_four_process_worker_wakes_one_process(
         broker_transport_options={"global_keyprefix": "gate:"},
         result_backend_transport_options={"global_keyprefix": "gate:"},
     )
+    return worker, app
+
+
+def test_one_round_trip_on_an_idle_four_process_worker_wakes_one_process(
+    private_redis: PrivateRedis, tmp_path: Path, processes: list[ProcessWorker]
+) -> None:
+    worker, app = prefork_worker_and_app(private_redis, tmp_path, processes, "-c", "4")
     client = redis.Redis.from_url(private_redis.url)
     try:
         add = app.tasks["interop.add"]
@@ -209,16 +218,8 @@ def test_a_worker_with_no_backlog_sends_no_fetch_ahead(
 ) -> None:
     # One task at a time: a fetch sent ahead as it starts would find nothing, and cost
     # the round trip a script of its own.
-    env = {**os.environ, "INTEROP_REDIS_URL": private_redis.url, "INTEROP_PREFIX": "gate:"}
-    worker = start_conveyor_worker(env, tmp_path / "w.log", "-P", "prefork", "-c", "1",
-                                   "--prefetch-multiplier", "4")
-    processes.append(worker)
-    app = make_app(
-        broker_url=private_redis.url,
-        result_backend=private_redis.url,
-        broker_transport_options={"global_keyprefix": "gate:"},
-        result_backend_transport_options={"global_keyprefix": "gate:"},
-    )
+    worker, app = prefork_worker_and_app(private_redis, tmp_path, processes, "-c", "1",
+                                         "--prefetch-multiplier", "4")
     rounds = 20
     try:
         add = app.tasks["interop.add"]
