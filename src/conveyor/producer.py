@@ -354,18 +354,6 @@ class Producer:
 
         self._with_retry(send, f"Publishing {message.task}[{message.id}]")
 
-    def publish_many(self, batch: Sequence[tuple[TaskMessage, Target, Mapping[str, Any]]]
-                     ) -> None:
-        """Publish calls without an eta in one broker operation (a pipeline, a
-        transaction): the bulk path of groups. Encoding fails before anything is sent."""
-        broker = self.app.broker
-        items = []
-        for message, target, options in batch:
-            items.append((self.encode(message, options), target.exchange, target.routing_key))
-            self.declare(broker, target)
-        self._with_retry(lambda: broker.publish_many(items),
-                         f"Publishing {len(items)} messages")
-
     def _with_retry(self, send: Callable[[], None], what: str) -> None:
         settled = self._current()
         if not settled.settings.task_publish_retry:
