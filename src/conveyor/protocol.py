@@ -71,15 +71,17 @@ def new_id() -> str:
             _ids.extend(_fresh_ids(_ID_BATCH))
 
 
-_ORIGIN: list[tuple[int, str]] = []
+_origin: list[str] = []  # this process's origin_name(), once known
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_origin.clear)  # a child has a pid of its own
 
 
 def origin_name() -> str:
-    """``gen<pid>@<host>``, Celery's node name for a client process (cached per pid)."""
-    pid = os.getpid()
-    if not _ORIGIN or _ORIGIN[0][0] != pid:
-        _ORIGIN[:] = [(pid, f"gen{pid}@{socket.gethostname()}")]
-    return _ORIGIN[0][1]
+    """``gen<pid>@<host>``, Celery's node name for a client process (cached per process:
+    asking for the pid is a system call, which showed in profiles of bulk sends)."""
+    if not _origin:
+        _origin.append(f"gen{os.getpid()}@{socket.gethostname()}")
+    return _origin[0]
 
 
 @dataclass(frozen=True, slots=True)

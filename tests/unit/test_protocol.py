@@ -195,3 +195,20 @@ def test_pickle_body_refused_unless_accepted() -> None:
         protocol.decode_body(envelope, JSON)
     accept = serialization.normalize_accept(["json", "pickle"])
     assert protocol.decode_body(envelope, accept)[0] == [2, 3]
+
+
+def test_origin_names_the_process_that_sends_even_after_a_fork() -> None:
+    import os
+    import socket
+
+    assert protocol.origin_name() == f"gen{os.getpid()}@{socket.gethostname()}"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports the origin its messages would carry
+        os.write(write_end, protocol.origin_name().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_origin = os.read(read_end, 200).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert child_origin == f"gen{pid}@{socket.gethostname()}"
