@@ -86,14 +86,16 @@ def test_killing_the_worker_ends_its_processes(
     wait_until(lambda: len(pool_pids(worker)) == 2, what="both processes up")
     descendants = psutil.Process(worker.process.pid).children(recursive=True)
     assert pid in {p.pid for p in descendants}
+    # The fork server and the two processes, and no other interpreter (multiprocessing's
+    # fork server would have started a resource tracker too).
+    assert len(descendants) == 3, [" ".join(p.cmdline())[:80] for p in descendants]
     worker.kill()  # SIGKILL: the supervisor gets no chance to stop anything
     wait_until(lambda: gone(pid), timeout=10, what=f"process {pid} gone")
     # Nothing it started lives on: not the other process, not the fork server.
     wait_until(lambda: all(gone(p.pid) for p in descendants), timeout=10,
                what="every process the worker started gone")
-    # Its processes removed the idle gate (multiprocessing's own pymp-* directory stays:
-    # only an exit that runs the supervisor's cleanup removes it).
-    assert list(private_tmp.glob("conveyor-gate-*")) == []
+    # Its processes removed the idle gate, and nothing else was left there.
+    assert list(private_tmp.iterdir()) == []
 
 
 def test_the_cli_broker_override_reaches_the_processes(
@@ -163,6 +165,33 @@ def test_processes_that_die_idle_or_at_start_are_replaced(
     assert len(served) == 1
     assert served.isdisjoint({idle, starting})
     assert proc_app.add.delay(1, 2).get(timeout=20) == 3
+    assert worker.stop() == 0
+
+
+def fork_server_pid(worker: WorkerProcess) -> int:
+    (server,) = [child for child in psutil.Process(worker.process.pid).children()
+                 if "forkserver" in " ".join(child.cmdline())]
+    return int(server.pid)
+
+
+def test_a_killed_fork_server_takes_its_processes_and_both_are_replaced(
+    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    worker = start_worker(env, tmp_path / "w.log", "-c", "2")
+    workers.append(worker)
+    wait_until(lambda: len(pool_pids(worker)) == 2, what="both processes up")
+    before = pool_pids(worker)
+    server = fork_server_pid(worker)
+    os.kill(server, signal.SIGKILL)
+    # Its processes die with it (Linux's parent-death signal), a new fork server starts
+    # new ones, and the worker goes on.
+    wait_until(lambda: all(gone(pid) for pid in before), timeout=10,
+               what="the old processes gone")
+    wait_until(lambda: len(pool_pids(worker)) == 2, timeout=20, what="two new processes")
+    assert fork_server_pid(worker) != server
+    served = {r.get(timeout=20) for r in [proc_app.pid.delay() for _ in range(4)]}
+    assert served <= pool_pids(worker)
+    assert served.isdisjoint(before)
     assert worker.stop() == 0
 
 

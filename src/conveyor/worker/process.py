@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +27,13 @@ from conveyor.brokers.idle_gate import IdleGate, remove_gate_directory
 from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.execution import LoopRunner
 from conveyor.logs import setup_logging
+from conveyor.worker.forkserver import map_shared_buffer
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.pools.base import Pool, ResultCallback, StartCallback
 from conveyor.worker.runner import run_job
 from conveyor.worker.slot import (
     MASK_BITS,
+    SLOT_BYTES,
     Slot,
     Verdict,
     Verdicts,
@@ -79,8 +80,9 @@ def rss_kib() -> int:
 def _die_with_parent() -> None:
     """Ask Linux to kill this process when its parent (the fork server) dies.
 
-    The fork server exits as soon as the supervisor does, however it died, so a killed
-    worker never leaves processes running tasks on their own.
+    The fork server outlives the supervisor until its last process has ended, so this
+    only matters when the fork server itself is killed: its processes go with it rather
+    than run on, unwatched (the supervisor starts a new fork server and new processes).
     """
     if not sys.platform.startswith("linux"):
         return
@@ -311,17 +313,17 @@ class ProcessWorker(Worker):
         self._stopping.set()  # exit 0 unasked: the supervisor starts a fresh process
 
 
-def _die_with_supervisor(lifeline: Connection, gate_directory: str | None) -> None:
+def _die_with_supervisor(lifeline: int, gate_directory: str | None) -> None:
     """End this process the moment the supervisor is gone, however it ended.
 
-    The supervisor holds the only writing end of ``lifeline`` and never writes: the read
-    returns only when that end closes. The fork server outlives the supervisor while its
-    processes hold its own lifeline, so it cannot be relied on for this. A supervisor
+    The supervisor holds the only writing end of the ``lifeline`` pipe and never writes:
+    the read returns only when that end closes. The fork server outlives the supervisor
+    while it has processes, so its death cannot be relied on for this. A supervisor
     killed outright could not remove the idle gate's directory: its processes do."""
 
     def watch() -> None:
-        with contextlib.suppress(EOFError, OSError):
-            lifeline.recv_bytes()
+        with contextlib.suppress(OSError):
+            os.read(lifeline, 1)
         if gate_directory is not None:
             remove_gate_directory(gate_directory)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -360,13 +362,18 @@ class RedeliveryJudge:
         return acknowledge, 1
 
 
-def process_main(spec: ProcessSpec, board: Any, index: int, verdicts: Any,
-                 lifeline: Connection) -> None:
-    """A prefork process's life: load the app, consume until told to stop or retiring."""
+def process_main(spec: ProcessSpec, index: int, board_fd: int, verdicts_fd: int,
+                 lifeline: int) -> None:
+    """A prefork process's life: load the app, consume until told to stop or retiring.
+
+    ``board_fd`` and ``verdicts_fd`` are the supervisor's shared buffers (every slot, and
+    its verdicts), ``lifeline`` the pipe that ends with the supervisor."""
     from conveyor.cli_app import load_app
 
     _die_with_parent()
     _die_with_supervisor(lifeline, spec.idle_gate)
+    board = map_shared_buffer(board_fd, SLOT_BYTES * spec.slots)
+    verdicts = map_shared_buffer(verdicts_fd, SLOT_BYTES)
     if spec.log_level is not None:  # the fork server's processes start with logging unset
         setup_logging(spec.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -117,8 +117,8 @@ class TornSlot(Exception):
 
 
 class Slot:
-    """One process's record: the ``index``-th ``SLOT_BYTES`` of a shared buffer
-    (a ``multiprocessing`` ``RawArray`` holding the records of every process).
+    """One process's record: the ``index``-th ``SLOT_BYTES`` of a shared buffer (memory
+    the supervisor shares with every process, holding the records of them all).
 
     A header of numbers, then the running job (pickled, ``RUNNING_BYTES`` at most), then
     the held messages (pickled). Each part is written on its own, so starting and ending a

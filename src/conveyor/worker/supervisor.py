@@ -4,8 +4,9 @@ Each process is a one-slot worker (:mod:`conveyor.worker.process`) with its own 
 connection: it fetches, runs and settles its own messages, so a task never waits for a
 hand-off through this process. The supervisor only keeps the processes alive:
 
-* it starts them from a fork server that has imported the app before any thread exists,
-  so starting one is fast and never copies a lock a thread held;
+* it starts them from a fork server (:mod:`conveyor.worker.forkserver`) that has imported
+  the app before any thread exists, so starting one is fast and never copies a lock a
+  thread held;
 * it replaces a process that died, retired (``--max-tasks-per-child``,
   ``--max-memory-per-child``) or was killed at a task's hard time limit;
 * it fails the job a dead or killed process was running and gives back at once the
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -39,6 +39,7 @@ from conveyor.request import Request, request_context
 from conveyor.urls import redact_url
 from conveyor.worker.autoscale import AutoscalePolicy
 from conveyor.worker.consumer import Consumer
+from conveyor.worker.forkserver import ForkedProcess, ForkServer, shared_buffer
 from conveyor.worker.process import ProcessSpec, process_main
 from conveyor.worker.slot import (
     SLOT_BYTES,
@@ -72,7 +73,7 @@ def _as_request(running: RunningJob) -> contextlib.AbstractContextManager[Reques
 
 @dataclass(eq=False)
 class Child:
-    process: Any
+    process: ForkedProcess
     slot: Slot
     started_at: float
     asked_to_stop: bool = False
@@ -130,19 +131,17 @@ class Supervisor:
         )
         # Stores the failures of jobs whose process died and settles what it held.
         self.settler = Consumer(app, self.hostname)
-        self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(
-            ["conveyor.worker.process", app_spec.split(":", 1)[0]])
+        self._fork_server = ForkServer(["conveyor.worker.process", app_spec.split(":", 1)[0]])
         self._children: list[Child] = []
         # One record per process that can run at once; pages never touched cost nothing.
-        self._board = self._context.RawArray("B", SLOT_BYTES * self.spec.slots)
-        self._verdicts_buffer = self._context.RawArray("B", SLOT_BYTES)
-        self._verdicts = Verdicts(self._verdicts_buffer)
+        self._board_fd, self._board = shared_buffer(SLOT_BYTES * self.spec.slots)
+        self._verdicts_fd, verdicts_buffer = shared_buffer(SLOT_BYTES)
+        self._verdicts = Verdicts(verdicts_buffer)
         self._stopping = threading.Event()
         self._cold = threading.Event()
         self._signals = 0
         # Never written: the processes watch it to end with this one (see process.py).
-        self._lifeline_r, self._lifeline_w = self._context.Pipe(duplex=False)
+        self._lifeline_r, self._lifeline_w = os.pipe()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._respawn_delay = 0.0
@@ -201,11 +200,9 @@ class Supervisor:
         index = next(i for i in range(self.spec.slots) if i not in taken)
         slot = Slot(self._board, index)
         slot.clear()
-        process = self._context.Process(target=process_main,
-                                        args=(self.spec, self._board, index,
-                                              self._verdicts_buffer, self._lifeline_r),
-                                        name="conveyor-process", daemon=True)
-        process.start()
+        process = self._fork_server.start_process(
+            process_main, (self.spec, index),
+            [self._board_fd, self._verdicts_fd, self._lifeline_r])
         self._children.append(Child(process, slot, time.monotonic()))
 
     def _ensure_size(self, now: float) -> None:
@@ -273,6 +270,7 @@ class Supervisor:
         child.process.join(timeout=5)
         self._children.remove(child)
         code = child.process.exitcode
+        child.process.close()
         try:
             state = child.slot.read(attempts=3)
         except TornSlot:
@@ -426,8 +424,9 @@ class Supervisor:
         self.settler.acker.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self._lifeline_r.close()
-        self._lifeline_w.close()
+        self._fork_server.close()  # its processes are gone: it exits
+        for fd in (self._lifeline_r, self._lifeline_w, self._board_fd, self._verdicts_fd):
+            os.close(fd)
         if self._gate_directory is not None:
             remove_gate_directory(self._gate_directory)
         logger.info("%s stopped after %d tasks", self.hostname, self.processed)
