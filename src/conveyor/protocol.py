@@ -38,23 +38,33 @@ _KNOWN_HEADERS = frozenset({
 
 
 _ID_BATCH = 128
-# The variant digit of an RFC 4122 UUID is 8, 9, a or b: its two high bits are 10.
-_VARIANT_DIGIT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+_UUID_DASHES = (8, 13, 18, 23)
+# The hex digit of a UUID's 16 bytes that each character of its text shows (dashes apart).
+_UUID_DIGITS = [(place, place - sum(dash < place for dash in _UUID_DASHES))
+                for place in range(36) if place not in _UUID_DASHES]
+# Version 4 and the RFC 4122 variant, in each UUID of a batch: the version nibble is 4, and
+# the two high bits of byte 8 are 10.
+_UUID_KEEP = (~((0xF << 76) | (0xC << 60))) & ((1 << 128) - 1)
+_UUID_SET = (0x4 << 76) | (0x8 << 60)
+_BATCH_KEEP = int.from_bytes(_UUID_KEEP.to_bytes(16, "big") * _ID_BATCH, "big")
+_BATCH_SET = int.from_bytes(_UUID_SET.to_bytes(16, "big") * _ID_BATCH, "big")
 _ids: deque[str] = deque()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_ids.clear)  # a child must not reuse its parent's
 
 
-def _fresh_ids(count: int) -> list[str]:
-    """``count`` random UUIDs (version 4) as text, from one read of the OS's random
-    source. Like ``uuid.uuid4()``: 122 random bits, the version and variant bits set."""
-    digits = os.urandom(16 * count).hex()
-    variant = _VARIANT_DIGIT
-    return [
-        f"{digits[i:i + 8]}-{digits[i + 8:i + 12]}-4{digits[i + 13:i + 16]}-"
-        f"{variant[digits[i + 16]]}{digits[i + 17:i + 20]}-{digits[i + 20:i + 32]}"
-        for i in range(0, 32 * count, 32)
-    ]
+def _fresh_ids() -> list[str]:
+    """``_ID_BATCH`` random UUIDs (version 4) as text, from one read of the OS's random
+    source. Like ``uuid.uuid4()``: 122 random bits, the version and variant bits set.
+
+    Each character place of the texts is filled for the whole batch at once (a strided
+    copy), which is several times faster than formatting the ids one by one."""
+    raw = (int.from_bytes(os.urandom(16 * _ID_BATCH), "big") & _BATCH_KEEP) | _BATCH_SET
+    digits = raw.to_bytes(16 * _ID_BATCH, "big").hex().encode("ascii")
+    text = bytearray(b"-" * 36 + b" ") * _ID_BATCH
+    for place, digit in _UUID_DIGITS:
+        text[place::37] = digits[digit::32]
+    return text.decode("ascii").split()
 
 
 def new_id() -> str:
@@ -68,7 +78,7 @@ def new_id() -> str:
         try:
             return _ids.popleft()
         except IndexError:
-            _ids.extend(_fresh_ids(_ID_BATCH))
+            _ids.extend(_fresh_ids())
 
 
 _origin: list[str] = []  # this process's origin_name(), once known

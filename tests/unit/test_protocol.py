@@ -212,3 +212,44 @@ def test_origin_names_the_process_that_sends_even_after_a_fork() -> None:
     os.close(read_end)
     os.waitpid(pid, 0)
     assert child_origin == f"gen{pid}@{socket.gethostname()}"
+
+
+def test_new_ids_are_random_uuid4_texts() -> None:
+    import uuid
+
+    ids = [protocol.new_id() for _ in range(1000)]  # several batches
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    # Every place that is random takes many values: none is copied from a fixed one.
+    for place in range(36):
+        seen = {text[place] for text in ids}
+        if place in (8, 13, 18, 23):
+            assert seen == {"-"}
+        elif place == 14:
+            assert seen == {"4"}
+        elif place == 19:
+            assert seen == set("89ab")
+        else:
+            assert len(seen) == 16, place
+
+
+def test_a_forked_child_never_sends_its_parents_next_ids() -> None:
+    import os
+
+    protocol.new_id()  # the parent now holds a batch it has not used
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, " ".join(protocol.new_id() for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write_end)
+    child_ids = os.read(read_end, 1000).decode().split()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    parent_ids = [protocol.new_id() for _ in range(5)]
+    assert len(child_ids) == 5
+    assert not set(child_ids) & set(parent_ids)
