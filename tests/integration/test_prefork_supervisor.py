@@ -195,6 +195,26 @@ def test_a_killed_fork_server_takes_its_processes_and_both_are_replaced(
     assert worker.stop() == 0
 
 
+def test_sigterm_to_every_process_of_the_worker_is_a_warm_shutdown(
+    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    # What a service manager does on stop: SIGTERM to each process of the service.
+    worker = start_worker(env, tmp_path / "w.log", "-c", "2")
+    workers.append(worker)
+    log = tmp_path / "task.log"
+    result = proc_app.long_running.delay(str(log), 1.5)
+    wait_until(lambda: log.exists(), what="the task started")
+    tree = [worker.process.pid,
+            *(p.pid for p in psutil.Process(worker.process.pid).children(recursive=True))]
+    assert len(tree) == 4  # the supervisor, the fork server, two processes
+    for pid in tree:
+        os.kill(pid, signal.SIGTERM)
+    # The running task finishes: the fork server did not die and take it down.
+    assert result.get(timeout=20) == "done"
+    assert worker.process.wait(timeout=20) == 0
+    assert "stopped after 1 tasks" in worker.text()
+
+
 def test_an_early_ack_task_that_killed_its_process_is_not_left_to_run_again(
     app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:

@@ -228,9 +228,12 @@ def _receive_exactly(connection: socket.socket, size: int) -> bytes:
 
 def serve(socket_fd: int, preload: Sequence[str]) -> None:
     """The server's life (``python -c``): import ``preload``, then fork on request."""
-    # Ctrl-C reaches the terminal's whole process group: the supervisor decides what it
-    # means for the processes, and this server outlives them.
+    # Ctrl-C reaches the terminal's whole process group, and a service manager's SIGTERM
+    # often every process of the service: the supervisor and the processes decide what
+    # that means for the tasks (a warm shutdown), and this server outlives them. Dying
+    # here would kill the processes mid-task (their parent-death signal).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for module in preload:
         # A module that fails here fails again in each process, which reports it.
         with contextlib.suppress(Exception):
@@ -304,6 +307,7 @@ def _child(payload: bytes, fds: list[int], connection: socket.socket,
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         connection.close()
         for fd in (*server_fds, fds[0]):
             os.close(fd)
