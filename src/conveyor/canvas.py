@@ -412,14 +412,18 @@ def send_members(members: Sequence[Signature], group_id: str, options: Mapping[s
             # What attach_membership() and member.clone(**shared).apply_async() do, without
             # the copy; the shared options are applied over these by send_calls.
             own = member["options"]
-            task_id = own.get("task_id") if own else None
-            if task_id is None:
+            if own:
+                task_id = own.get("task_id")
+                if task_id is None:
+                    task_id = new_id()
+                call = {**own, "task_id": task_id, "group_id": group_id, "group_index": index}
+            else:  # the usual member, ``task.s(...)``: no option to check
                 task_id = new_id()
+                call = {"task_id": task_id, "group_id": group_id, "group_index": index}
             ids.append(task_id)
-            call = {**own, "task_id": task_id, "group_id": group_id, "group_index": index}
             if body is not None:
                 call["chord"] = body
-            if not call.keys() <= CALL_OPTIONS:
+            if own and not call.keys() <= CALL_OPTIONS:
                 call = _send_options(call)
             plain.append((member["task"], member["args"] or (), member["kwargs"], call))
             continue
