@@ -382,3 +382,23 @@ def test_on_redis_what_a_long_task_fetched_ahead_stays_leased_to_it(
     assert sorted(lines) == ["0", "1", "2", "3", "9", "block"], lines  # each ran once
     assert first.stop() == 0
     assert second.stop() == 0
+
+
+def test_a_process_that_cannot_be_forked_is_tried_again_later(
+    app: Conveyor, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+
+    class OutOfProcesses:
+        def start_process(self, *args: Any) -> Any:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    supervisor = Supervisor(app, app_spec="tests.apps.proc_app:app", concurrency=2)
+    supervisor._fork_server = OutOfProcesses()  # type: ignore[assignment]
+    now = time.monotonic()
+    supervisor._ensure_size(now)  # logs instead of raising: the worker goes on
+    assert supervisor._children == []
+    assert supervisor._respawn_after >= now + 1.0
+    assert "Could not start a process" in caplog.text
+    supervisor._ensure_size(now + 0.5)  # not before the delay
+    assert caplog.text.count("Could not start a process") == 1

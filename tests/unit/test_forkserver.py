@@ -143,3 +143,39 @@ def test_a_dead_server_is_replaced_and_its_processes_report_lost(server: ForkSer
     assert server.pid not in (None, first_server)
     first.close()
     second.close()
+
+
+def test_a_fork_that_fails_is_an_oserror_and_the_server_is_kept() -> None:
+    import errno
+    import socket
+    import struct
+    import threading
+
+    # A server whose fork fails (out of processes): it cannot be made to fail for real
+    # here, so this one answers as serve() does then, with the negated errno.
+    ours, theirs = socket.socketpair()
+
+    def answer_fork_failed() -> None:
+        _header, fds, _flags, _address = socket.recv_fds(theirs, 8, 16)
+        for fd in fds:
+            os.close(fd)
+        theirs.sendall(struct.pack("!q", -errno.EAGAIN))
+
+    class Running:
+        pid = 1
+
+        @staticmethod
+        def poll() -> None:
+            return None
+
+    fork_server = ForkServer(preload=[])
+    fork_server._socket, fork_server._server = ours, Running()  # type: ignore[assignment]
+    answering = threading.Thread(target=answer_fork_failed)
+    answering.start()
+    with pytest.raises(OSError) as raised:
+        fork_server.start_process(exit_with, (0,), [])
+    answering.join()
+    assert raised.value.errno == errno.EAGAIN
+    assert fork_server._socket is ours  # not taken for a dead server
+    ours.close()
+    theirs.close()

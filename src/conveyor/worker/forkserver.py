@@ -158,11 +158,15 @@ class ForkServer:
             try:
                 socket.send_fds(connection, [_LENGTH.pack(len(request))], fds)
                 connection.sendall(request)
-                return int(_PID.unpack(_receive_exactly(connection, _PID.size))[0])
+                (pid,) = _PID.unpack(_receive_exactly(connection, _PID.size))
             except (OSError, EOFError):
                 self._discard()  # it died: the next attempt starts a new one
                 if attempt:
                     raise
+                continue
+            if pid < 0:  # the server is fine, the fork failed
+                raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
+            return int(pid)
         raise AssertionError("unreachable")
 
     def _ensure_running(self) -> socket.socket:
@@ -261,10 +265,15 @@ def serve(socket_fd: int, preload: Sequence[str]) -> None:
                 connection = None
                 continue
             payload, fds = request
-            pid = os.fork()
-            if pid == 0:
-                _child(payload, fds, connection, (wake_r, wake_w, *children.values()))
-            children[pid] = fds[0]
+            try:
+                pid = os.fork()
+            except OSError as exc:  # out of memory or processes: the supervisor retries
+                pid = -(exc.errno or 1)
+                os.close(fds[0])
+            else:
+                if pid == 0:
+                    _child(payload, fds, connection, (wake_r, wake_w, *children.values()))
+                children[pid] = fds[0]
             for fd in fds[1:]:
                 os.close(fd)
             with contextlib.suppress(OSError):

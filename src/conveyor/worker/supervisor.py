@@ -210,7 +210,14 @@ class Supervisor:
         if missing <= 0 or now < self._respawn_after:
             return
         for _ in range(min(missing, self.spec.slots - len(self._children))):
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as exc:  # no memory or processes left to fork: try again later
+                self._respawn_delay = min(max(1.0, self._respawn_delay * 2), RESPAWN_MAX_DELAY)
+                self._respawn_after = now + self._respawn_delay
+                logger.error("Could not start a process (%s); next try in %.0fs", exc,
+                             self._respawn_delay)
+                return
 
     def _ask_to_stop(self, child: Child) -> None:
         child.asked_to_stop = True
