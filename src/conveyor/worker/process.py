@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from conveyor import states
@@ -31,6 +30,7 @@ from conveyor.worker.forkserver import map_shared_buffer
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.pools.base import Pool, ResultCallback, StartCallback
 from conveyor.worker.runner import run_job
+from conveyor.worker.signal_relay import SignalRelay
 from conveyor.worker.slot import (
     MASK_BITS,
     SLOT_BYTES,
@@ -167,12 +167,12 @@ class ProcessWorker(Worker):
     # -- signals: the supervisor decides, the process obeys --------------------------------
     def _install_signals(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the supervisor's
-        signal.signal(signal.SIGTERM, self._on_term)
+        SignalRelay(self._on_term).install(signal.SIGTERM)
         signal.signal(signal.SIGALRM, _raise_soft_limit)
 
-    def _on_term(self, signum: int, frame: FrameType | None) -> None:
-        # Only a flag: the handler may interrupt a task in the middle of a broker call,
-        # so it must not touch the broker. Fetching notices within a second.
+    def _on_term(self, signum: int) -> None:
+        # Only a flag: the task may be in the middle of a broker call, so this must not
+        # touch the broker. Fetching notices within a second.
         self._stopping.set()
 
     def _announce(self) -> None:

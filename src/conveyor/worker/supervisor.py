@@ -30,7 +30,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from conveyor.brokers.idle_gate import create_gate_directory, remove_gate_directory
@@ -41,6 +40,7 @@ from conveyor.worker.autoscale import AutoscalePolicy
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.forkserver import ForkedProcess, ForkServer, shared_buffer
 from conveyor.worker.process import ProcessSpec, process_main
+from conveyor.worker.signal_relay import SignalRelay
 from conveyor.worker.slot import (
     SLOT_BYTES,
     RunningJob,
@@ -155,8 +155,7 @@ class Supervisor:
     def run(self) -> None:
         """Start the processes and watch them until shut down (blocks)."""
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            SignalRelay(self._on_signal).install(signal.SIGTERM, signal.SIGINT)
         try:
             self.start()
             self.serve()
@@ -173,7 +172,7 @@ class Supervisor:
                     self.hostname, self.target, ",".join(self.queue_names),
                     redact_url(self.app.conf.broker_url))
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals == 1:
             logger.warning("Warm shutdown (%s): finishing running tasks; signal again "

@@ -22,7 +22,6 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from conveyor.errors import BrokerError, ConfigurationError
@@ -31,6 +30,7 @@ from conveyor.worker.autoscale import AutoscalePolicy
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.pools.base import Pool
+from conveyor.worker.signal_relay import SignalRelay
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -184,10 +184,9 @@ class Worker:
             self.shutdown()
 
     def _install_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        SignalRelay(self._on_signal).install(signal.SIGTERM, signal.SIGINT)
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals == 1:
             logger.warning("Warm shutdown (%s): finishing running tasks; signal again "

@@ -1,0 +1,41 @@
+"""Shutdown signals are handled in a thread, so a signal can land anywhere in the main
+thread without deadlocking on a lock that thread holds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+# The main thread holds the event's own lock when the signal lands, as it does inside
+# Event.wait() or Event.set(). A handler that set the event itself would wait forever.
+SCRIPT = textwrap.dedent("""
+    import os, signal, threading, time
+    from conveyor.worker.signal_relay import SignalRelay
+
+    stopping = threading.Event()
+    seen = []
+
+    def on_signal(signum):
+        seen.append(signum)
+        stopping.set()
+
+    SignalRelay(on_signal).install(signal.SIGTERM, signal.SIGINT)
+    with stopping._cond:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # both handlers run here, in this thread
+    assert stopping.wait(5)
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print(sorted(seen) == sorted([signal.SIGTERM, signal.SIGINT]))
+""")
+
+
+def test_a_signal_landing_while_the_main_thread_holds_the_lock_is_handled() -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], check=False, capture_output=True,
+                          text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
