@@ -11,7 +11,7 @@ import textwrap
 # Event.wait() or Event.set(). A handler that set the event itself would wait forever.
 SCRIPT = textwrap.dedent("""
     import os, signal, threading, time
-    from conveyor.worker.signal_relay import SignalRelay
+    from conveyor.worker.signal_relay import relay_signals
 
     stopping = threading.Event()
     seen = []
@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent("""
         seen.append(signum)
         stopping.set()
 
-    SignalRelay(on_signal).install(signal.SIGTERM, signal.SIGINT)
+    relay_signals(on_signal, signal.SIGTERM, signal.SIGINT)
     with stopping._cond:
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
@@ -39,3 +39,26 @@ def test_a_signal_landing_while_the_main_thread_holds_the_lock_is_handled() -> N
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
 
+
+
+REINSTALL = textwrap.dedent("""
+    import os, signal, threading, time
+    from conveyor.worker.signal_relay import relay_signals
+
+    calls = []
+    relay_signals(lambda signum: calls.append(("first", signum)), signal.SIGTERM)
+    relay_signals(lambda signum: calls.append(("second", signum)), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    relays = [t for t in threading.enumerate() if t.name == "conveyor-signals"]
+    print(calls == [("second", signal.SIGTERM)], len(relays))
+""")
+
+
+def test_installing_again_replaces_the_callback_and_keeps_one_thread() -> None:
+    done = subprocess.run([sys.executable, "-c", REINSTALL], check=False,
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "1"]

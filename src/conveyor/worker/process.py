@@ -30,7 +30,7 @@ from conveyor.worker.forkserver import map_shared_buffer
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.pools.base import Pool, ResultCallback, StartCallback
 from conveyor.worker.runner import run_job
-from conveyor.worker.signal_relay import SignalRelay
+from conveyor.worker.signal_relay import relay_signals
 from conveyor.worker.slot import (
     MASK_BITS,
     SLOT_BYTES,
@@ -167,7 +167,7 @@ class ProcessWorker(Worker):
     # -- signals: the supervisor decides, the process obeys --------------------------------
     def _install_signals(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the supervisor's
-        SignalRelay(self._on_term).install(signal.SIGTERM)
+        relay_signals(self._on_term, signal.SIGTERM)
         signal.signal(signal.SIGALRM, _raise_soft_limit)
 
     def _on_term(self, signum: int) -> None:

@@ -5,7 +5,7 @@ thread was: inside ``Event.wait`` or ``Event.set`` holding the event's lock, or 
 earlier handler (two SIGTERMs a millisecond apart: a service manager's and the
 supervisor's). A handler that sets an event there waits forever for a lock its own
 thread holds. The handler here only writes the signal's number to a pipe, which takes
-no lock; a thread reads it and does the work.
+no lock; a thread reads it and calls what was installed for that signal.
 """
 
 from __future__ import annotations
@@ -20,36 +20,59 @@ from types import FrameType
 
 logger = logging.getLogger("conveyor.worker")
 
+_lock = threading.Lock()
+_callbacks: dict[int, Callable[[int], None]] = {}
+_pipe: list[int] = []  # [read end, write end] once the relay thread runs in this process
 
-class SignalRelay:
-    """Calls ``on_signal(signum)`` in its own thread for each signal installed."""
 
-    def __init__(self, on_signal: Callable[[int], None], name: str = "conveyor-signals") -> None:
-        self._on_signal = on_signal
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._write, False)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def install(self, *signums: int) -> None:
-        """Handle ``signums`` (from the main thread, as ``signal.signal`` requires)."""
+def relay_signals(on_signal: Callable[[int], None], *signums: int) -> None:
+    """Call ``on_signal(signum)`` in the relay thread for each of ``signums`` received,
+    instead of whatever handled them before. From the main thread, as ``signal.signal``
+    requires. One thread per process serves every call."""
+    with _lock:
+        if not _pipe:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            _pipe[:] = [read, write]
+            threading.Thread(target=_relay, args=(read,), name="conveyor-signals",
+                             daemon=True).start()
         for signum in signums:
-            signal.signal(signum, self._handle)
+            _callbacks[signum] = on_signal
+    for signum in signums:
+        signal.signal(signum, _handle)
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        with contextlib.suppress(OSError):  # a full pipe: the thread has plenty to read
-            os.write(self._write, bytes([signum]))
 
-    def _run(self) -> None:
-        while True:
+def _handle(signum: int, frame: FrameType | None) -> None:
+    with contextlib.suppress(OSError, IndexError):  # a full pipe: plenty left to read
+        os.write(_pipe[1], bytes([signum]))
+
+
+def _relay(read: int) -> None:
+    while True:
+        try:
+            received = os.read(read, 64)
+        except OSError:
+            return
+        if not received:
+            return
+        for signum in received:
+            callback = _callbacks.get(signum)
+            if callback is None:
+                continue
             try:
-                received = os.read(self._read, 64)
-            except OSError:
-                return
-            if not received:
-                return
-            for signum in received:
-                try:
-                    self._on_signal(signum)
-                except Exception:
-                    logger.exception("Handling signal %s failed", signum)
+                callback(signum)
+            except Exception:
+                logger.exception("Handling signal %s failed", signum)
+
+
+def _forget_in_child() -> None:
+    # A forked child has no relay thread: its first relay_signals() starts one.
+    for fd in _pipe:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _pipe.clear()
+    _callbacks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

@@ -40,7 +40,7 @@ from conveyor.worker.autoscale import AutoscalePolicy
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.forkserver import ForkedProcess, ForkServer, shared_buffer
 from conveyor.worker.process import ProcessSpec, process_main
-from conveyor.worker.signal_relay import SignalRelay
+from conveyor.worker.signal_relay import relay_signals
 from conveyor.worker.slot import (
     SLOT_BYTES,
     RunningJob,
@@ -155,7 +155,7 @@ class Supervisor:
     def run(self) -> None:
         """Start the processes and watch them until shut down (blocks)."""
         if threading.current_thread() is threading.main_thread():
-            SignalRelay(self._on_signal).install(signal.SIGTERM, signal.SIGINT)
+            relay_signals(self._on_signal, signal.SIGTERM, signal.SIGINT)
         try:
             self.start()
             self.serve()

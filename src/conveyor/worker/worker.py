@@ -30,7 +30,7 @@ from conveyor.worker.autoscale import AutoscalePolicy
 from conveyor.worker.consumer import Consumer
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.pools.base import Pool
-from conveyor.worker.signal_relay import SignalRelay
+from conveyor.worker.signal_relay import relay_signals
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -184,7 +184,7 @@ class Worker:
             self.shutdown()
 
     def _install_signals(self) -> None:
-        SignalRelay(self._on_signal).install(signal.SIGTERM, signal.SIGINT)
+        relay_signals(self._on_signal, signal.SIGTERM, signal.SIGINT)
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
