@@ -54,6 +54,10 @@ def ended(pid: int) -> bool:
 def server() -> Iterator[ForkServer]:
     fork_server = ForkServer(preload=["conveyor.worker.forkserver"])
     yield fork_server
+    # A failed test may leave processes running: the server waits for them.
+    if fork_server.pid is not None and psutil.pid_exists(fork_server.pid):
+        for child in psutil.Process(fork_server.pid).children():
+            child.kill()
     fork_server.close(timeout=5)
 
 
@@ -92,6 +96,18 @@ def test_a_signal_shows_as_a_negative_exit_code(server: ForkServer) -> None:
     assert not process.is_alive()
     process.kill()  # ended: signals nothing, and does not fail
     process.close()
+
+
+def test_a_sigterm_sent_as_the_process_starts_still_ends_it(server: ForkServer) -> None:
+    # The server ignores SIGTERM, and a child starts with its dispositions: one sent
+    # before the child has set its own must not be lost.
+    processes = [server.start_process(sleep_long, (), []) for _ in range(20)]
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+        assert process.exitcode == -signal.SIGTERM
+        process.close()
 
 
 def test_the_sentinel_is_ready_once_the_process_ended(server: ForkServer) -> None:

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -44,6 +44,8 @@ _PID = struct.Struct("!q")
 _EXIT_CODE = struct.Struct("!i")
 MAX_FDS = 16
 """Most descriptors one request can pass."""
+_HELD_BACK = {signal.SIGTERM, signal.SIGINT}
+"""Signals this server ignores, blocked while it forks (see ``serve``)."""
 LOST_EXIT_CODE = -signal.SIGKILL
 """The exit code of a process whose server died before reporting it: the server's death
 killed it (the processes ask Linux for that, ``process._die_with_parent``)."""
@@ -265,6 +267,9 @@ def serve(socket_fd: int, preload: Sequence[str]) -> None:
                 connection = None
                 continue
             payload, fds = request
+            # The child starts with this server's dispositions, SIGTERM ignored: held
+            # back until it has its own, a SIGTERM sent at once still reaches it.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_BACK)
             try:
                 pid = os.fork()
             except OSError as exc:  # out of memory or processes: the supervisor retries
@@ -272,8 +277,11 @@ def serve(socket_fd: int, preload: Sequence[str]) -> None:
                 os.close(fds[0])
             else:
                 if pid == 0:
-                    _child(payload, fds, connection, (wake_r, wake_w, *children.values()))
+                    _child(payload, fds, connection, (wake_r, wake_w, *children.values()),
+                           mask)
                 children[pid] = fds[0]
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for fd in fds[1:]:
                 os.close(fd)
             with contextlib.suppress(OSError):
@@ -309,7 +317,7 @@ def _reap(children: dict[int, int]) -> None:
 
 
 def _child(payload: bytes, fds: list[int], connection: socket.socket,
-           server_fds: Sequence[int]) -> None:
+           server_fds: Sequence[int], mask: Iterable[int]) -> None:
     """In the forked process: drop what is the server's, make the call, exit."""
     code = 1
     try:
@@ -317,6 +325,7 @@ def _child(payload: bytes, fds: list[int], connection: socket.socket,
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         connection.close()
         for fd in (*server_fds, fds[0]):
             os.close(fd)
