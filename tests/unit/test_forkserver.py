@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -195,3 +196,14 @@ def test_a_fork_that_fails_is_an_oserror_and_the_server_is_kept() -> None:
     assert fork_server._socket is ours  # not taken for a dead server
     ours.close()
     theirs.close()
+
+
+def test_a_server_that_dies_at_start_is_an_oserror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "dies_at_import.py").write_text("import os\nos._exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the server gets this process's path
+    fork_server = ForkServer(preload=["dies_at_import"])
+    with pytest.raises(OSError, match="fork server"):
+        fork_server.start_process(exit_with, (0,), [])
+    fork_server.close(timeout=5)

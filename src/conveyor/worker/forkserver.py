@@ -161,10 +161,11 @@ class ForkServer:
                 socket.send_fds(connection, [_LENGTH.pack(len(request))], fds)
                 connection.sendall(request)
                 (pid,) = _PID.unpack(_receive_exactly(connection, _PID.size))
-            except (OSError, EOFError):
+            except OSError as exc:
                 self._discard()  # it died: the next attempt starts a new one
                 if attempt:
-                    raise
+                    raise ConnectionError(f"the fork server did not answer ({exc}); it "
+                                          "may have failed to import the app") from exc
                 continue
             if pid < 0:  # the server is fine, the fork failed
                 raise OSError(-pid, f"the fork server could not fork: {os.strerror(-pid)}")
@@ -225,7 +226,8 @@ def _receive_exactly(connection: socket.socket, size: int) -> bytes:
     while len(data) < size:
         chunk = connection.recv(size - len(data))
         if not chunk:
-            raise EOFError("the fork server closed the connection")
+            # An OSError like the others: the caller retries later, as after a failed fork.
+            raise ConnectionAbortedError("the fork server closed the connection")
         data += chunk
     return data
 
@@ -260,7 +262,7 @@ def serve(socket_fd: int, preload: Sequence[str]) -> None:
         if connection is not None and connection.fileno() in ready:
             try:
                 request = _read_request(connection)
-            except (OSError, EOFError, ValueError):
+            except (OSError, ValueError):
                 request = None
             if request is None:  # the supervisor is gone
                 connection.close()
