@@ -3,6 +3,7 @@ thread without deadlocking on a lock that thread holds."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -62,3 +63,26 @@ def test_installing_again_replaces_the_callback_and_keeps_one_thread() -> None:
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "1"]
+
+
+FORKED = textwrap.dedent("""
+    import os, signal, threading, time
+    from conveyor.worker.signal_relay import relay_signals
+
+    relay_signals(lambda signum: None, signal.SIGTERM)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)  # a SIGTERM ends it, as it would any process
+        os._exit(0)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_a_forked_child_gets_the_default_handling_back() -> None:
+    done = subprocess.run([sys.executable, "-c", FORKED], check=False,
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(-signal.SIGTERM)

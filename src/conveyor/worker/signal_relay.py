@@ -66,7 +66,13 @@ def _relay(read: int) -> None:
 
 
 def _forget_in_child() -> None:
-    # A forked child has no relay thread: its first relay_signals() starts one.
+    # A forked child (a task's own multiprocessing, say) has no relay thread and none of
+    # the parent's work to do: its signals act as in any new process, until it installs
+    # handlers of its own.
+    for signum in _callbacks:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT
+                          else signal.SIG_DFL)
     for fd in _pipe:
         with contextlib.suppress(OSError):
             os.close(fd)
