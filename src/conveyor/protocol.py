@@ -81,17 +81,17 @@ def new_id() -> str:
             _ids.extend(_fresh_ids())
 
 
-_origin: list[str] = []  # this process's origin_name(), once known
+_process_origin: list[str] = []  # origin_name() of this process, once known
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_origin.clear)  # a child has a pid of its own
+    os.register_at_fork(after_in_child=_process_origin.clear)  # a child has its own pid
 
 
 def origin_name() -> str:
     """``gen<pid>@<host>``, Celery's node name for a client process (cached per process:
     asking for the pid is a system call, which showed in profiles of bulk sends)."""
-    if not _origin:
-        _origin.append(f"gen{os.getpid()}@{socket.gethostname()}")
-    return _origin[0]
+    if not _process_origin:
+        _process_origin.append(f"gen{os.getpid()}@{socket.gethostname()}")
+    return _process_origin[0]
 
 
 @dataclass(frozen=True, slots=True)
