@@ -152,3 +152,19 @@ def test_several_queues_keep_their_own_order_and_a_batch_is_by_priority(
     }
     assert by_queue == {"a": ["a5", "a0", "a1"], "b": ["b5", "b0"]}
     broker.ack_many(deliveries)
+
+
+def test_acks_queued_just_before_close_reach_rabbitmq(connect: Any) -> None:
+    # A retiring process acks its last tasks and closes at once: acks still waiting for
+    # the I/O thread's next turn must go out before the connection closes, or RabbitMQ
+    # delivers those tasks again.
+    holder, other = connect(), connect()
+    for round_ in range(10):
+        holder.publish(envelope(f"m{round_}"), exchange="", routing_key="q")
+    deliveries: list[Delivery] = []
+    while len(deliveries) < 10:
+        deliveries += holder.fetch(["q"], 10 - len(deliveries), timeout=PATIENCE)
+    holder.ack_many(deliveries)
+    holder.close()
+    assert other.fetch(["q"], 1, timeout=1.0) == []
+    assert other.stats(["q"]) == [QueueStats("q", ready=0, leased=0)]

@@ -458,6 +458,11 @@ class AmqpIo:
     def _shutdown(self) -> None:
         conn = self._conn
         if conn is not None:
+            # What callers queued before closing (a retiring process's last acks) would
+            # otherwise wait for a turn that never comes: RabbitMQ would deliver those
+            # messages again.
+            with contextlib.suppress(Exception):
+                self._work()
             try:
                 conn.close()
             except Exception:  # closing a broken connection
