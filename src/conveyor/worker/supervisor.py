@@ -212,10 +212,8 @@ class Supervisor:
             try:
                 self._spawn()
             except OSError as exc:  # no memory or processes left to fork: try again later
-                self._respawn_delay = min(max(1.0, self._respawn_delay * 2), RESPAWN_MAX_DELAY)
-                self._respawn_after = now + self._respawn_delay
                 logger.error("Could not start a process (%s); next try in %.0fs", exc,
-                             self._respawn_delay)
+                             self._delay_respawns(now))
                 return
 
     def _ask_to_stop(self, child: Child) -> None:
@@ -323,12 +321,17 @@ class Supervisor:
         # in a tight loop; one that lived a while, or died of a task, is replaced at once.
         now = time.monotonic()
         if code != 0 and running is None and now - child.started_at < 1.0:
-            self._respawn_delay = min(max(1.0, self._respawn_delay * 2), RESPAWN_MAX_DELAY)
-            self._respawn_after = now + self._respawn_delay
             logger.warning("Process %s exited at start (code %s); next one in %.0fs",
-                           child.process.pid, code, self._respawn_delay)
+                           child.process.pid, code, self._delay_respawns(now))
         else:
             self._respawn_delay = 0.0
+
+    def _delay_respawns(self, now: float) -> float:
+        """Hold the next process back, twice as long as last time (1 s to 30 s); the
+        delay in seconds."""
+        self._respawn_delay = min(max(1.0, self._respawn_delay * 2), RESPAWN_MAX_DELAY)
+        self._respawn_after = now + self._respawn_delay
+        return self._respawn_delay
 
     def _late_delivery(self, running: RunningJob) -> Delivery | None:
         """The running job's unacknowledged message, if this broker lets us settle it."""
