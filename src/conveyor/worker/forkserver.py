@@ -292,14 +292,19 @@ def serve(socket_fd: int, preload: Sequence[str]) -> None:
 
 def _read_request(connection: socket.socket) -> tuple[bytes, list[int]] | None:
     header, fds, _flags, _address = socket.recv_fds(connection, _LENGTH.size, MAX_FDS)
-    if not header:
-        return None
-    if len(header) < _LENGTH.size:
-        header += _receive_exactly(connection, _LENGTH.size - len(header))
-    (length,) = _LENGTH.unpack(header)
-    if not fds:
-        raise ValueError("a request without its exit code pipe")
-    return _receive_exactly(connection, length), fds
+    try:
+        if not header:
+            return None
+        if len(header) < _LENGTH.size:
+            header += _receive_exactly(connection, _LENGTH.size - len(header))
+        (length,) = _LENGTH.unpack(header)
+        if not fds:
+            raise ValueError("a request without its exit code pipe")
+        return _receive_exactly(connection, length), fds
+    except BaseException:
+        for fd in fds:  # the request is dropped: so are the descriptors it brought
+            os.close(fd)
+        raise
 
 
 def _reap(children: dict[int, int]) -> None:
