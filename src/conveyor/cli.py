@@ -65,6 +65,12 @@ class State:
             self._app = app
         return self._app
 
+    def close(self) -> None:
+        """Close what the command opened (pooled database sessions, broker connections),
+        rather than leaving it to the interpreter's exit."""
+        if self._app is not None:
+            self._app.close()
+
     def connected(self) -> Conveyor:
         """The app, with its broker reachable (or a clear exit)."""
         app = self.app
@@ -86,6 +92,7 @@ class State:
 def main(ctx: click.Context, app_spec: str | None, broker: str | None) -> None:
     """Conveyor: a distributed task queue that speaks Celery's protocol."""
     ctx.obj = State(app_spec, broker)
+    ctx.call_on_close(ctx.obj.close)
 
 
 @main.command()

@@ -3,6 +3,7 @@ waiting through LISTEN/NOTIFY, bad input end to end, and forks."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import textwrap
@@ -286,10 +287,16 @@ def test_cli_cleanup(
     name = f"cli_app_{uuid.uuid4().hex[:8]}"
     write_app_module(tmp_path, name, scratch.url, scratch.options)
     monkeypatch.syspath_prepend(str(tmp_path))
+    app = importlib.import_module(name).app  # the object the command loads
+    used = app.backend
     outcome = CliRunner().invoke(main, ["-A", f"{name}:app", "results", "cleanup"])
     assert outcome.exit_code == 0, outcome.output
     assert "Deleted 2 expired results." in outcome.output
     assert raw_rows(scratch, writer.tables.task) == []
+    # The command closed the app it loaded: its pooled sessions are not left to the
+    # interpreter's exit (where psycopg reports them as a ResourceWarning).
+    assert app.backend is not used
+    app.close()
 
 
 def test_cli_cleanup_says_when_the_database_is_down(
