@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.amqp.conftest import ProcessWorker, start_conveyor_worker
@@ -17,6 +18,7 @@ from tests.amqp.vhosts import close_connections
 
 from conveyor import Conveyor, testing
 from conveyor.brokers.amqp import AmqpBroker
+from conveyor.brokers.amqp_io import AmqpIo, parse_amqp_url
 from conveyor.envelope import Envelope
 from conveyor.errors import BrokerUnavailable
 from conveyor.routing import Queue
@@ -173,3 +175,40 @@ def test_a_result_wait_spans_a_lost_connection(amqp_url: str, vhost: str) -> Non
             assert result.get(timeout=TIMEOUT) == 42
     finally:
         app.close()
+
+
+class _FailsAtClose:
+    """An attachment whose last send fails, as a connection dropped at that moment."""
+
+    def __init__(self, io: AmqpIo) -> None:
+        self.io = io
+
+    def attach(self, connection: Any) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+    def channel_closed(self, channel: Any, code: int, text: str) -> None:
+        pass
+
+    def work(self) -> bool:
+        if self.io.closing():
+            raise ConnectionResetError("connection reset by peer")
+        return False
+
+    def after_io(self) -> None:
+        pass
+
+
+def test_a_send_that_fails_while_closing_is_logged_with_its_reason(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    io = AmqpIo(parse_amqp_url(amqp_url, {}), url=amqp_url, name="conveyor-test-close")
+    io.attachments.append(_FailsAtClose(io))
+    io.start()
+    io.wait_connected()
+    with caplog.at_level(logging.WARNING, logger="conveyor.broker.amqp"):
+        io.close()
+    assert any("without sending what was queued (connection reset by peer)" in r.getMessage()
+               for r in caplog.records)

@@ -461,8 +461,15 @@ class AmqpIo:
             # What callers queued before closing (a retiring process's last acks) would
             # otherwise wait for a turn that never comes: RabbitMQ would deliver those
             # messages again.
-            with contextlib.suppress(Exception):
+            try:
                 self._work()
+            except Exception as exc:
+                logger.warning(
+                    "Closing the connection to %s without sending what was queued (%s): "
+                    "RabbitMQ delivers the messages it was acknowledging again",
+                    self.url,
+                    describe(exc),
+                )
             try:
                 conn.close()
             except Exception:  # closing a broken connection
