@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import amqp  # type: ignore[import-untyped]
 from amqp import exceptions as amqp_errors
+from conveyor.brokers.amqp_transport import BufferedTcpTransport
 from conveyor.errors import BrokerUnavailable, ConfigurationError
 from conveyor.urls import redact_url
 
@@ -136,6 +137,22 @@ class Channel(amqp.Channel):  # type: ignore[misc]  # py-amqp has no type hints
 
 class Connection(amqp.Connection):  # type: ignore[misc]  # py-amqp has no type hints
     Channel = Channel
+
+    def Transport(  # noqa: N802 - py-amqp's name for the transport factory
+        self,
+        host: str,
+        connect_timeout: float | None,
+        ssl: Any = False,
+        read_timeout: float | None = None,
+        write_timeout: float | None = None,
+        socket_settings: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        options = {"read_timeout": read_timeout, "write_timeout": write_timeout,
+                   "socket_settings": socket_settings, **kwargs}
+        if ssl:
+            return super().Transport(host, connect_timeout, ssl, **options)
+        return BufferedTcpTransport(host, connect_timeout=connect_timeout, **options)
 
 
 class Attachment(Protocol):
@@ -340,11 +357,16 @@ class AmqpIo:
         if self._wake_r in readable:
             self._drain_wake_pipe()
         frames = 0
-        while frames < FRAMES_PER_TURN and (self._buffered(conn) or self._readable(sock)):
+        while frames < FRAMES_PER_TURN:
             # One frame at a time: py-amqp's drain_events() goes on reading after a
             # heartbeat frame, so it would sit here until the next frame (30 s on an idle
             # connection) while callers wait.
-            conn.blocking_read(timeout=self.params.operation_timeout)
+            if self._frame_ready(conn):
+                conn.blocking_read(timeout=None)  # no system call: the frame is here
+            elif self._buffered(conn) or self._readable(sock):
+                conn.blocking_read(timeout=self.params.operation_timeout)
+            else:
+                break
             frames += 1
         for attachment in self.attachments:
             attachment.after_io()
@@ -364,9 +386,17 @@ class AmqpIo:
             self._next_heartbeat = now + min(1.0, self.params.heartbeat / 4)
 
     @staticmethod
-    def _buffered(conn: Any) -> bool:
-        # Bytes py-amqp (or TLS) already read past the last frame: select() can't see them.
+    def _frame_ready(conn: Any) -> bool:
         transport = conn.transport
+        return isinstance(transport, BufferedTcpTransport) and transport.frame_ready()
+
+    @staticmethod
+    def _buffered(conn: Any) -> bool:
+        # Bytes already read past the last frame: select() can't see them. A part of a
+        # frame buffered by ours is not news: the socket says when the rest comes.
+        transport = conn.transport
+        if isinstance(transport, BufferedTcpTransport):
+            return transport.frame_ready()
         if getattr(transport, "_read_buffer", b""):
             return True
         sock = conn.sock
