@@ -57,7 +57,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _string
 from threading import Lock
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 from conveyor.brokers import redis_scripts as scripts
@@ -148,9 +148,11 @@ def kombu_json(envelope: Envelope, body_b64: str, delivery_info: str, tag: str) 
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Held:
-    """What ack/reject/extend/defer need of a delivery this broker issued."""
+class _Held(NamedTuple):
+    """What ack/reject/extend/defer need of a delivery this broker issued.
+
+    A tuple, not a dataclass: a prefork process pickles it into its record on every job
+    it starts, and a slotted dataclass pickles field by field in Python."""
 
     delivery_tag: str
     queue: str
