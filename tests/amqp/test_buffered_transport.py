@@ -61,6 +61,20 @@ def test_a_read_that_times_out_half_way_keeps_the_frame_whole(
     assert transport.read_frame() == (8, 0, b"")
 
 
+def test_a_read_of_so_many_bytes_takes_them_from_the_same_buffer(
+    wired: tuple[BufferedTcpTransport, socket.socket],
+) -> None:
+    # py-amqp reads whole frames through read_frame(); a read of its own must still not
+    # go around the buffer, or the frames after it would be cut at the wrong place.
+    transport, peer = wired
+    second = frame(1, 0, b"start")
+    peer.sendall(frame(8, 0, b"") + second + frame(3, 1, b"body"))
+    assert transport.read_frame() == (8, 0, b"")  # the other two are buffered now
+    with transport.having_timeout(0.05):
+        assert transport._read(len(second)) == second
+    assert transport.read_frame() == (3, 1, b"body")
+
+
 def test_a_frame_without_its_end_octet_is_refused(
     wired: tuple[BufferedTcpTransport, socket.socket],
 ) -> None:

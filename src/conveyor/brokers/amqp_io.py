@@ -352,7 +352,8 @@ class AmqpIo:
         more = self._work()
         self._run_commands(conn)
         sock = conn.sock
-        timeout = 0.0 if (more or self._commands or self._buffered(conn)) else self._idle_wait()
+        pending = more or self._commands or self._frame_ready(conn) or self._buffered(conn)
+        timeout = 0.0 if pending else self._idle_wait()
         readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
         if self._wake_r in readable:
             self._drain_wake_pipe()
@@ -392,11 +393,10 @@ class AmqpIo:
 
     @staticmethod
     def _buffered(conn: Any) -> bool:
-        # Bytes already read past the last frame: select() can't see them. A part of a
-        # frame buffered by ours is not news: the socket says when the rest comes.
+        # Bytes py-amqp (or TLS) already read past the last frame: select() can't see
+        # them. (Ours keeps its own buffer, asked by _frame_ready; a part of a frame there
+        # is not news: the socket says when the rest comes.)
         transport = conn.transport
-        if isinstance(transport, BufferedTcpTransport):
-            return transport.frame_ready()
         if getattr(transport, "_read_buffer", b""):
             return True
         sock = conn.sock
