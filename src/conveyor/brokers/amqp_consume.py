@@ -300,13 +300,13 @@ class Consuming:
 
     def settle(self, kind: str, delivery_tag: int, generation: int) -> None:
         self._settles.append((generation, delivery_tag, kind))
-        self.io.wake()
+        self.io.send_queued()
 
     def settle_many(self, kind: str, found: Sequence[tuple[int, int]]) -> None:
         """Settle (generation, delivery tag) pairs with one wake-up of the I/O thread."""
         self._settles.extend((generation, tag, kind) for generation, tag in found)
         if found:
-            self.io.wake()
+            self.io.send_queued()
 
     def wake(self) -> None:
         with self.cond:

@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -194,6 +194,9 @@ class AmqpIo:
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
         self._wake_lock = threading.Lock()
+        # Held by whichever thread uses the connection: the I/O thread, except while it
+        # waits in select() or sleeps, or a caller sending its own queued work meanwhile.
+        self._io_lock = threading.Lock()
         self._state = threading.Condition()
         self._conn: Any = None
         self._connected = False
@@ -264,6 +267,28 @@ class AmqpIo:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"!")
 
+    def send_queued(self) -> None:
+        """Send what callers queued for the attachments (acks, publishes): from this
+        thread if the I/O thread is waiting for the socket, else by waking it.
+
+        Sending here spares the hand-over: the wake-up's write gives up the GIL, the
+        woken I/O thread takes it, and this thread then waits for it to be done. A
+        failure here is left to the I/O thread, which meets the same broken connection
+        on its next turn (what was not sent stays queued, or is delivered again)."""
+        if os.getpid() != self._pid or not self._io_lock.acquire(blocking=False):
+            self.wake()
+            return
+        try:
+            more = self._connected and self._conn is not None and self._work()
+        except Exception as exc:
+            logger.debug("Sending from the calling thread failed (%s); the I/O thread "
+                         "takes over", describe(exc))
+            more = True
+        finally:
+            self._io_lock.release()
+        if more or not self._connected:
+            self.wake()
+
     def call(self, fn: Callable[[Any], T], timeout: float | None = None) -> T:
         """Run ``fn(connection)`` in the I/O thread and return its result (or raise its error)."""
         if self.in_io_thread():
@@ -282,6 +307,19 @@ class AmqpIo:
 
     # -- the I/O thread --------------------------------------------------------------------
     def _run(self) -> None:
+        with self._io_lock:  # given up only to wait: see _unlocked
+            self._serve()
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        """While the I/O thread waits, a caller may send its queued work itself."""
+        self._io_lock.release()
+        try:
+            yield
+        finally:
+            self._io_lock.acquire()
+
+    def _serve(self) -> None:
         delay = 0.5
         while not self.closing():
             if self._conn is None:
@@ -354,7 +392,8 @@ class AmqpIo:
         sock = conn.sock
         pending = more or self._commands or self._frame_ready(conn) or self._buffered(conn)
         timeout = 0.0 if pending else self._idle_wait()
-        readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
+        with self._unlocked():
+            readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
         if self._wake_r in readable:
             self._drain_wake_pipe()
         frames = 0
@@ -482,7 +521,7 @@ class AmqpIo:
                 )
 
     def _sleep(self, seconds: float) -> None:
-        with self._state:
+        with self._unlocked(), self._state:
             self._state.wait_for(lambda: self._closing, timeout=seconds)
 
     def _shutdown(self) -> None:
