@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tests.amqp.interop_settings import interop_env
 from tests.amqp.vhosts import new_vhost, vhost_url
 
 from conveyor import Conveyor
+from conveyor.brokers.amqp import AmqpBroker
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -32,6 +33,21 @@ def vhost(amqp_service: str) -> str:
 @pytest.fixture
 def amqp_url(vhost: str) -> str:
     return vhost_url(vhost)
+
+
+@pytest.fixture
+def connect(amqp_url: str) -> Iterator[Callable[[], AmqpBroker]]:
+    """Open AmqpBroker objects on this test's vhost; all are closed after the test."""
+    opened: list[AmqpBroker] = []
+
+    def open_broker() -> AmqpBroker:
+        broker = AmqpBroker(amqp_url)
+        opened.append(broker)
+        return broker
+
+    yield open_broker
+    for broker in opened:
+        broker.close()
 
 
 @pytest.fixture

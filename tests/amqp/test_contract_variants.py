@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from conveyor.brokers.amqp import AmqpBroker
 from conveyor.brokers.base import QueueStats
@@ -30,20 +27,6 @@ def envelope(body: str, priority: int | None = None) -> Envelope:
 
 def bodies(deliveries: list[Delivery]) -> list[str]:
     return [delivery.envelope.body.decode() for delivery in deliveries]
-
-
-@pytest.fixture
-def connect(amqp_url: str) -> Iterator[Any]:
-    opened: list[AmqpBroker] = []
-
-    def open_broker() -> AmqpBroker:
-        broker = AmqpBroker(amqp_url)
-        opened.append(broker)
-        return broker
-
-    yield open_broker
-    for broker in opened:
-        broker.close()
 
 
 def fetch_one(broker: AmqpBroker, queue: str) -> Delivery:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from conveyor.brokers.amqp import AmqpBroker
 from conveyor.brokers.base import QueueStats
@@ -24,20 +22,6 @@ IDLE = 0.01
 
 def envelope(body: str) -> Envelope:
     return Envelope(body.encode(), "application/json", "utf-8", {}, {})
-
-
-@pytest.fixture
-def connect(amqp_url: str) -> Iterator[Callable[[], AmqpBroker]]:
-    opened: list[AmqpBroker] = []
-
-    def open_broker() -> AmqpBroker:
-        broker = AmqpBroker(amqp_url)
-        opened.append(broker)
-        return broker
-
-    yield open_broker
-    for broker in opened:
-        broker.close()
 
 
 def watch_writes(broker: AmqpBroker, before: Callable[[], None] | None = None) -> list[str]:
