@@ -15,7 +15,7 @@ Passwords never appear in a message: errors name the URL through ``redact_url``.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -388,6 +388,48 @@ def run_command(client: redis.Redis, *args: Any) -> Any:
     machine. A connection that fails takes the usual road, with its retry."""
     reply = _short_road(client, args)
     return cast(Any, client).execute_command(*args) if reply is _NOT_SENT else reply
+
+
+def transaction_in_parts(
+    client: redis.Redis, parts: Iterable[Sequence[Sequence[Any]]]
+) -> list[Any] | None:
+    """Run the commands of ``parts`` as one MULTI/EXEC transaction, writing each part as
+    soon as ``parts`` makes it; returns EXEC's replies, or None if the connection failed
+    (the caller then takes the usual road, with its retry).
+
+    Redis reads and parses one part while the next is being made, where a pipeline is
+    made whole before its first byte goes out, then waits for Redis to read it all. It
+    runs nothing before EXEC: an error while a part is made (a message that cannot be
+    written) drops the connection, and with it everything written so far."""
+    pool: Any = client.connection_pool
+    try:
+        connection: Any = pool.get_connection()
+    except (redis.ConnectionError, redis.TimeoutError):
+        return None
+    try:
+        connection.send_packed_command(connection.pack_command("MULTI"))
+        queued = 0
+        for commands in parts:
+            if commands:
+                connection.send_packed_command(connection.pack_commands(commands),
+                                               check_health=False)
+                queued += len(commands)
+        connection.send_packed_command(connection.pack_command("EXEC"), check_health=False)
+        for _ in range(queued + 1):
+            connection.read_response()  # MULTI's OK, then QUEUED for each command
+        replies = connection.read_response()
+    except (redis.ConnectionError, redis.TimeoutError):
+        connection.disconnect()
+        return None
+    except BaseException:
+        connection.disconnect()  # Redis forgets a transaction whose client went away
+        raise
+    finally:
+        pool.release(connection)
+    for reply in replies:
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+    return list(replies)
 
 
 def run_script(script: Any, keys: list[Any], args: list[Any]) -> Any:
