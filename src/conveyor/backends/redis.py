@@ -32,7 +32,13 @@ from conveyor.backends.base import Meta, ResultBackend, group_members
 from conveyor.backends.redis_chord import RedisChords
 from conveyor.backends.redis_listener import ResultListener
 from conveyor.errors import BackendError, BackendUnavailable, TimeoutError
-from conveyor.redis_connection import RedisClients, as_bytes, run_script, translated
+from conveyor.redis_connection import (
+    RedisClients,
+    as_bytes,
+    run_command,
+    run_script,
+    translated,
+)
 
 TASK_KEYPREFIX = "celery-task-meta-"
 GROUP_KEYPREFIX = "celery-taskset-meta-"
@@ -187,7 +193,8 @@ class RedisBackend(ResultBackend):
 
     def get(self, task_id: str) -> Meta | None:
         with self._redis():
-            data = self.client.get(self.task_key(task_id))
+            # The short road: a waiting get() reads the key after every subscription.
+            data = run_command(self.client, "GET", self.task_key(task_id))
         return None if data is None else self._decode_stored(as_bytes(data))
 
     def get_many(self, task_ids: Iterable[str]) -> dict[str, Meta]:
