@@ -162,19 +162,36 @@ def _size(value: Any, depth: int) -> int:
         return 10
     if depth > 32:
         raise _Unsendable("nested too deeply to be sent over AMQP")
+    if isinstance(value, (list, tuple)):  # before the (slower) check of an abstract class
+        total = 6
+        for item in value:
+            kind = type(item)
+            if item is None or kind is bool or kind is float:
+                total += 10
+            elif kind is str:
+                total += len(item) + 6
+            else:
+                total += _size(item, depth + 1)
+        return total
     if isinstance(value, Mapping):
         total = 6
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise _Unsendable(f"header names are strings, not {type(key).__name__}")
-            try:
-                total += len(key) + 2 + _size(item, depth + 1)
-            except _Unsendable as exc:
-                exc.path = f"[{key!r}]{exc.path}"
-                raise
+            # What the branches above give, without a call, for a task message's usual
+            # values: the calls took most of the estimate's time.
+            kind = type(item)
+            if kind is str:
+                total += len(key) + 8 + len(item)
+            elif item is None or kind is bool or (kind is int and -_INT64 <= item < _INT64):
+                total += len(key) + 12
+            else:
+                try:
+                    total += len(key) + 2 + _size(item, depth + 1)
+                except _Unsendable as exc:
+                    exc.path = f"[{key!r}]{exc.path}"
+                    raise
         return total
-    if isinstance(value, (list, tuple)):
-        return 6 + sum(_size(item, depth + 1) for item in value)
     if isinstance(value, (bytes, bytearray)):
         return len(value) // 4 + 6  # counted once: the caller multiplies by 4
     raise _Unsendable(f"a {type(value).__name__} cannot be sent as an AMQP header value")
