@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -307,17 +307,10 @@ class AmqpIo:
 
     # -- the I/O thread --------------------------------------------------------------------
     def _run(self) -> None:
-        with self._io_lock:  # given up only to wait: see _unlocked
+        # Held throughout but while waiting (in select() or asleep): a caller may then
+        # send its queued work itself (send_queued).
+        with self._io_lock:
             self._serve()
-
-    @contextlib.contextmanager
-    def _unlocked(self) -> Iterator[None]:
-        """While the I/O thread waits, a caller may send its queued work itself."""
-        self._io_lock.release()
-        try:
-            yield
-        finally:
-            self._io_lock.acquire()
 
     def _serve(self) -> None:
         delay = 0.5
@@ -392,8 +385,11 @@ class AmqpIo:
         sock = conn.sock
         pending = more or self._commands or self._frame_ready(conn) or self._buffered(conn)
         timeout = 0.0 if pending else self._idle_wait()
-        with self._unlocked():
+        self._io_lock.release()  # (no context manager: this runs for every turn)
+        try:
             readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
+        finally:
+            self._io_lock.acquire()
         if self._wake_r in readable:
             self._drain_wake_pipe()
         frames = 0
@@ -521,8 +517,12 @@ class AmqpIo:
                 )
 
     def _sleep(self, seconds: float) -> None:
-        with self._unlocked(), self._state:
-            self._state.wait_for(lambda: self._closing, timeout=seconds)
+        self._io_lock.release()
+        try:
+            with self._state:
+                self._state.wait_for(lambda: self._closing, timeout=seconds)
+        finally:
+            self._io_lock.acquire()
 
     def _shutdown(self) -> None:
         conn = self._conn
