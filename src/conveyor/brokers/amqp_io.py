@@ -279,14 +279,24 @@ class AmqpIo:
             self.wake()
             return
         try:
-            more = self._connected and self._conn is not None and self._work()
+            conn = self._conn
+            if not self._connected or conn is None:
+                more = True
+            else:
+                more = self._work()
+                # A synchronous method in the work (a new prefetch's basic.qos) reads
+                # frames here: hand over what they carried, as after any read, and leave
+                # what is still buffered to the I/O thread, whose select() can't see it.
+                for attachment in self.attachments:
+                    attachment.after_io()
+                more = more or self._frame_ready(conn) or self._buffered(conn)
         except Exception as exc:
             logger.debug("Sending from the calling thread failed (%s); the I/O thread "
                          "takes over", describe(exc))
             more = True
         finally:
             self._io_lock.release()
-        if more or not self._connected:
+        if more:
             self.wake()
 
     def call(self, fn: Callable[[Any], T], timeout: float | None = None) -> T:
