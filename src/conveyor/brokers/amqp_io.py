@@ -287,8 +287,7 @@ class AmqpIo:
                 # A synchronous method in the work (a new prefetch's basic.qos) reads
                 # frames here: hand over what they carried, as after any read, and leave
                 # what is still buffered to the I/O thread, whose select() can't see it.
-                for attachment in self.attachments:
-                    attachment.after_io()
+                self._hand_over()
                 more = more or self._frame_ready(conn) or self._buffered(conn)
         except Exception as exc:
             logger.debug("Sending from the calling thread failed (%s); the I/O thread "
@@ -414,9 +413,13 @@ class AmqpIo:
             else:
                 break
             frames += 1
+        self._hand_over()
+        self._heartbeat(conn)
+
+    def _hand_over(self) -> None:
+        """Frames were read: the attachments pass on what arrived."""
         for attachment in self.attachments:
             attachment.after_io()
-        self._heartbeat(conn)
 
     def _idle_wait(self) -> float:
         if self.params.heartbeat <= 0:
