@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from conveyor import Conveyor
+from conveyor.errors import SoftTimeLimitExceeded
 
 app = Conveyor("proc")
 
@@ -64,6 +65,15 @@ def sleep_for(seconds: float) -> float:
 @app.task(time_limit=1)
 def overrun() -> None:
     time.sleep(30)
+
+
+@app.task(soft_time_limit=0.5)
+def soft_limited(seconds: float) -> str:
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "soft limit"
+    return "in time"
 
 
 @app.task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,18 @@ def test_hard_time_limit_and_lost_process_fail_the_task_not_the_worker(
         died.get(timeout=20)
     assert proc_app.add.delay(1, 2).get(timeout=20) == 3
     worker.stop()
+
+
+def test_soft_time_limit_is_raised_inside_the_task_of_a_prefork_process(
+    app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    worker = start_worker(env, tmp_path / "w.log", "-c", "1")
+    workers.append(worker)
+    assert proc_app.soft_limited.delay(30).get(timeout=20) == "soft limit"
+    assert proc_app.soft_limited.delay(0.01).get(timeout=20) == "in time"
+    time.sleep(0.6)  # past the limit of the finished job: no stray signal ends the process
+    assert proc_app.add.delay(1, 2).get(timeout=20) == 3
+    assert worker.stop() == 0
 
 
 def test_max_tasks_per_child_replaces_processes(

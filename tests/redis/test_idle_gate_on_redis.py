@@ -21,7 +21,7 @@ from conveyor import Conveyor
 from conveyor.brokers import redis_scripts
 from conveyor.brokers.idle_gate import IdleGate, create_gate_directory, remove_gate_directory
 from conveyor.brokers.redis import RedisBroker
-from conveyor.brokers.redis_wakeup import FETCHES_BEFORE_QUIET
+from conveyor.brokers.redis_wakeup import FETCHES_BEFORE_QUIET, KEEP_WATCH
 from conveyor.envelope import Delivery, Envelope
 
 PATIENCE = 10.0
@@ -119,7 +119,9 @@ def test_change_reports_stay_on_after_a_partial_batch_and_stop_after_a_full_one(
     partial = broker.fetch(["q"], 10, PATIENCE)
     assert len(partial) == 1
     assert waiter.listener.tracking  # the next sleep is near: no round trip to resume
-    assert not waiter.gate.held  # a sibling may listen while this one works
+    assert waiter.gate.held  # the queue is empty, and this one looks again after its jobs
+    broker.hand_over_idle_wait()  # unless they take long
+    assert not waiter.gate.held
     for n in range(3):
         producer.publish(envelope(str(n)), exchange="", routing_key="q")
     full = broker.fetch(["q"], 3, PATIENCE)
@@ -134,6 +136,47 @@ def test_change_reports_stay_on_after_a_partial_batch_and_stop_after_a_full_one(
         assert waiter.listener.tracking
         broker.ack_many(broker.fetch(["q"], 10, PATIENCE))
     assert not waiter.listener.tracking
+
+
+def test_a_fetch_that_empties_the_queue_keeps_the_gate_until_it_hands_it_over(
+    connect: Callable[[], RedisBroker], gate_directory: str
+) -> None:
+    broker, producer = connect(), connect()
+    broker.share_idle_wait(IdleGate(gate_directory))
+    assert broker.fetch(["q"], 10, 0.2) == []  # idle: it listens, holding the gate
+    producer.publish(envelope("first"), exchange="", routing_key="q")
+    assert len(broker.fetch(["q"], 10, PATIENCE)) == 1  # a partial batch: the queue is empty
+    kept_until = broker.idle_wait_kept_until()
+    assert kept_until is not None
+    assert 0 < kept_until - time.monotonic() <= KEEP_WATCH
+
+    sibling = connect()
+    sibling.share_idle_wait(IdleGate(gate_directory))
+    got: list[list[Delivery]] = []
+    fetching = threading.Thread(target=lambda: got.append(sibling.fetch(["q"], 10, PATIENCE)))
+    fetching.start()
+    time.sleep(0.3)
+    producer.publish(envelope("second"), exchange="", routing_key="q")
+    time.sleep(0.5)
+    assert fetching.is_alive()  # the sibling waits at the gate this process kept
+    broker.hand_over_idle_wait()  # its job runs long
+    assert broker.idle_wait_kept_until() is None
+    fetching.join(PATIENCE)
+    assert [d.envelope.body for batch in got for d in batch] == [b"second"]
+
+
+def test_a_full_batch_lets_the_gate_go_at_once(
+    connect: Callable[[], RedisBroker], gate_directory: str
+) -> None:
+    broker, producer = connect(), connect()
+    broker.share_idle_wait(IdleGate(gate_directory))
+    assert broker.fetch(["q"], 10, 0.2) == []
+    producer.publish_many([(envelope(str(n)), "", "q") for n in range(3)])
+    assert len(broker.fetch(["q"], 3, PATIENCE)) == 3  # more may wait: siblings should look
+    assert broker.idle_wait_kept_until() is None
+    sibling = IdleGate(gate_directory)
+    assert sibling.acquire(0)
+    sibling.close()
 
 
 def fetch_scripts_run(client: redis.Redis) -> int:
@@ -155,6 +198,36 @@ def prefork_worker_and_app(private_redis: PrivateRedis, tmp_path: Path,
         result_backend_transport_options={"global_keyprefix": "gate:"},
     )
     return worker, app
+
+
+def test_a_long_job_on_a_prefork_worker_lets_a_sibling_take_the_next_message(
+    private_redis: PrivateRedis, tmp_path: Path, processes: list[ProcessWorker]
+) -> None:
+    # A window of four: a fetch of one message is a partial batch, the queue empty.
+    worker, app = prefork_worker_and_app(private_redis, tmp_path, processes, "-c", "2",
+                                         "--prefetch-multiplier", "4")
+    try:
+        sleep, add = app.tasks["interop.sleep"], app.tasks["interop.add"]
+        for _ in range(3):  # both processes up and idle
+            assert add.delay(1, 2).get(timeout=PATIENCE) == 3
+        time.sleep(0.5)
+        long_job = sleep.delay(3.0)
+        time.sleep(0.5)  # it runs, in the process that kept the gate when it took it
+        # The sibling takes each of these at once: the process running the long job
+        # handed the watch over a moment after the job began. Otherwise the sibling
+        # would find each only at its next look, which it takes once a second (a fetch
+        # that times out at the gate).
+        waits = []
+        for n in range(4):
+            began = time.monotonic()
+            assert add.delay(n, 2).get(timeout=PATIENCE) == n + 2
+            waits.append(time.monotonic() - began)
+        assert max(waits) < 0.25, waits
+        assert not long_job.ready()
+        assert long_job.get(timeout=PATIENCE) == 3.0
+    finally:
+        app.close()
+    assert worker.stop() == 0
 
 
 def test_one_round_trip_on_an_idle_four_process_worker_wakes_one_process(

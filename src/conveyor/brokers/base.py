@@ -180,6 +180,17 @@ class Broker(ABC):
         (see :mod:`conveyor.brokers.idle_gate`). Brokers that hand each message to one
         consumer by themselves (AMQP), or that wake idle fetches cheaply, ignore it."""
 
+    def idle_wait_kept_until(self) -> float | None:
+        """When (monotonic) this process must hand over the shared idle wait it kept
+        after a fetch that left its queues empty, or None if it keeps none. It keeps it
+        while it runs what it took, since it looks again right after; a job that runs
+        longer calls :meth:`hand_over_idle_wait` then."""
+        return None
+
+    def hand_over_idle_wait(self) -> None:  # noqa: B027 - only where the wait is shared
+        """Let a sibling process take over the idle wait this one kept. Must be safe in a
+        signal handler of the fetching thread."""
+
     @abstractmethod
     def close(self) -> None: ...
 

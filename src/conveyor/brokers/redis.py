@@ -722,6 +722,12 @@ class RedisBroker(Broker):
     def share_idle_wait(self, gate: IdleGate) -> None:
         self._waiter.gate = gate
 
+    def idle_wait_kept_until(self) -> float | None:
+        return self._waiter.kept_until
+
+    def hand_over_idle_wait(self) -> None:
+        self._waiter.hand_over()
+
     def close(self) -> None:
         """Close every connection; the object stays usable (it reconnects on use)."""
         self.wake()

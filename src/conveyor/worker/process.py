@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor import states
 from conveyor.brokers.idle_gate import IdleGate, remove_gate_directory
-from conveyor.errors import SoftTimeLimitExceeded
 from conveyor.execution import LoopRunner
 from conveyor.logs import setup_logging
+from conveyor.worker.alarm import JobAlarm
 from conveyor.worker.forkserver import map_shared_buffer
 from conveyor.worker.job import Job, JobResult
 from conveyor.worker.pools.base import Pool, ResultCallback, StartCallback
@@ -67,10 +67,6 @@ class ProcessSpec:
     """The directory of the gate through which idle processes take turns listening."""
 
 
-def _raise_soft_limit(signum: int, frame: Any) -> None:
-    raise SoftTimeLimitExceeded("soft time limit exceeded")
-
-
 def rss_kib() -> int:
     import resource
 
@@ -100,9 +96,10 @@ class InlinePool(Pool):
     supports_time_limits = True
 
     def __init__(self, app: Conveyor, on_result: ResultCallback,
-                 on_started: StartCallback) -> None:
+                 on_started: StartCallback, alarm: JobAlarm) -> None:
         super().__init__(1, on_result, on_started)
         self.app = app
+        self.alarm = alarm
         self.loops = LoopRunner()
         self._running: Job | None = None
 
@@ -112,15 +109,16 @@ class InlinePool(Pool):
     def apply(self, job: Job) -> bool:
         self._running = job
         self.on_started(job)
-        if job.soft_time_limit:
-            signal.setitimer(signal.ITIMER_REAL, job.soft_time_limit)
+        broker = self.app.broker
+        self.alarm.arm(job.soft_time_limit, broker.idle_wait_kept_until(),
+                       broker.hand_over_idle_wait)
         try:
             result = run_job(self.app, job, self.loops)
         except Exception as exc:  # report it; the process never dies of a job's trouble
             logger.exception("Job %s[%s] failed in the pool", job.task_name, job.task_id)
             result = JobResult(job.seq, states.FAILURE, reason=repr(exc))
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.alarm.disarm()
             self._running = None
         self.on_result(job, result)
         return True
@@ -157,18 +155,19 @@ class ProcessWorker(Worker):
         # many a fetch sent ahead asked for.
         self._backlog = False
         self._asked_ahead = 0
+        self.alarm = JobAlarm()
         super().__init__(app, queues=spec.queues, concurrency=1, pool="prefork",
                          hostname=spec.hostname,
                          prefetch_multiplier=spec.prefetch_multiplier)
 
     def _make_pool(self, name: str, size: int) -> Pool:
-        return InlinePool(self.app, self._on_result, self._on_started)
+        return InlinePool(self.app, self._on_result, self._on_started, self.alarm)
 
     # -- signals: the supervisor decides, the process obeys --------------------------------
     def _install_signals(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the supervisor's
         relay_signals(self._on_term, signal.SIGTERM)
-        signal.signal(signal.SIGALRM, _raise_soft_limit)
+        self.alarm.install()
 
     def _on_term(self, signum: int) -> None:
         # Only a flag: the task may be in the middle of a broker call, so this must not
@@ -202,7 +201,9 @@ class ProcessWorker(Worker):
                 self._asked_ahead = 0
                 self._backlog = self._fetch_batch(room, FETCH_TIMEOUT) >= asked
             else:
-                self._stopping.wait(0.05)  # the window is full of unacknowledged messages
+                # The window is full of unacknowledged messages: no look comes soon.
+                self.app.broker.hand_over_idle_wait()
+                self._stopping.wait(0.05)
 
     def _announce_stop(self) -> None:
         logger.debug("Process stopped after %d tasks", self.consumer.processed)
