@@ -15,7 +15,7 @@ Passwords never appear in a message: errors name the URL through ``redact_url``.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -29,6 +29,12 @@ from redis.sentinel import Sentinel
 import redis
 from conveyor.errors import ConfigurationError, ConveyorError
 from conveyor.urls import redact_url
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # the redis extra installs it; without it, redis-py packs
+    _hiredis_pack = None
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -361,6 +367,21 @@ def translated(
 _NOT_SENT = object()
 
 
+def send(connection: Any, args: tuple[Any, ...]) -> None:
+    """``connection.send_command(*args)`` for a command named in one word, packed by
+    hiredis in one call. redis-py's packer first walks the arguments in Python: about
+    5 µs more for a fetch script's twenty, on every fetch, publish and stored result."""
+    if _hiredis_pack is not None:
+        try:
+            packed = _hiredis_pack(args)
+        except TypeError:
+            pass  # redis-py's packer names what it cannot send
+        else:
+            connection.send_packed_command([packed])
+            return
+    connection.send_command(*args)
+
+
 def _short_road(client: Any, args: tuple[Any, ...]) -> Any:
     """Send one command on a pooled connection and read its reply as Redis sent it (no
     response callback); ``_NOT_SENT`` if the connection failed (it is dropped)."""
@@ -370,7 +391,7 @@ def _short_road(client: Any, args: tuple[Any, ...]) -> Any:
     except (redis.ConnectionError, redis.TimeoutError):
         return _NOT_SENT
     try:
-        connection.send_command(*args)
+        send(connection, args)
         return connection.read_response()
     except (redis.ConnectionError, redis.TimeoutError):
         connection.disconnect()  # half a reply may be left on it

@@ -116,3 +116,27 @@ def test_a_fetch_whose_reply_was_lost_gives_back_what_it_took(
     assert broker.take_ahead() == []
     assert counts(broker) == (3, 0)  # back now, not when the leases lapse in an hour
     assert bodies(broker.fetch([QUEUE], 3, timeout=0)) == ["1", "2", "3"]
+
+
+def test_the_connection_of_fetches_sent_ahead_opens_again_after_a_failure(
+        connect: Callable[..., RedisBroker], redis_url: str) -> None:
+    broker = connect()
+    publish(broker, "1", "2", "3")
+    assert broker.fetch_ahead([QUEUE], 1, lambda _: None)
+    assert bodies(broker.take_ahead()) == ["1"]
+    pending_on = broker._ahead_connection
+    assert pending_on is not None
+    pending_on.send_command("CLIENT", "ID")
+    connection_id = pending_on.read_response()
+    killer = redis.Redis.from_url(redis_url)
+    try:
+        killer.client_kill_filter(_id=connection_id)
+    finally:
+        killer.close()
+    # The next send finds the connection dead (or Redis closes it under the reply):
+    # either way nothing is lost, and the one after that works on a new connection.
+    first = broker.fetch_ahead([QUEUE], 1, lambda _: None) and broker.take_ahead()
+    assert broker.fetch_ahead([QUEUE], 1, lambda _: None)
+    second = broker.take_ahead()
+    rest = broker.fetch([QUEUE], 3, timeout=0)
+    assert sorted(bodies([*(first or []), *second, *rest])) == ["2", "3"]

@@ -24,6 +24,7 @@ from conveyor.redis_connection import (
     parse_url,
     run_command,
     run_script,
+    send,
 )
 
 
@@ -340,3 +341,23 @@ def test_run_command_answers_and_survives_a_connection_the_server_closed(
             run_command(clients.client, "LPUSH", "l", b"d")
     finally:
         clients.close()
+
+
+@pytest.mark.parametrize("args", [
+    ("EVALSHA", "a" * 40, 2, "k1", "k\u00e9", "1795565008.7818334", 4, "ab12:", 1, 100, 1000),
+    ("LPUSH", "q", b"\x00\xff" * 300, "{\"body\": \"\u2603\"}"),
+    ("SET", "k", 1.5, -7, 2**70),
+    ("GET", ""),
+])
+def test_send_writes_what_redis_pys_packer_writes(args: tuple[object, ...]) -> None:
+    written: list[bytes] = []
+    connection = redis.Connection()
+    connection.send_packed_command = lambda command, check_health=True: written.extend(command)  # type: ignore[method-assign]
+    send(connection, args)
+    assert b"".join(written) == b"".join(connection.pack_command(*args))
+
+
+def test_send_leaves_what_it_cannot_pack_to_redis_py_which_refuses_it() -> None:
+    connection = redis.Connection()
+    with pytest.raises(redis.DataError):
+        send(connection, ("SET", "k", {"a": 1}))
