@@ -444,42 +444,47 @@ def _time_limits(value: Any) -> tuple[float | None, float | None]:
     )
 
 
-def _optional_str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
 def headers_from_mapping(source: Mapping[str, Any], protocol: int) -> TaskHeaders:
-    task = source.get("task")
-    task_id = source.get("id")
+    # Read for every message a worker takes: each header is looked up once, and the
+    # usual values (None, text, a dict) are taken without a call.
+    get = source.get
+    task = get("task")
+    task_id = get("id")
     if not isinstance(task, str) or not task:
         raise MessageError("message has no task name")
     if not isinstance(task_id, str) or not task_id:
         raise MessageError(f"message for {task!r} has no task id")
-    retries = source.get("retries") or 0
-    group_index = source.get("group_index")
-    hard, soft = _time_limits(source.get("timelimit"))
-    stamps = source.get("stamps")
+    retries = get("retries") or 0
+    group = source["group"] if "group" in source else get("taskset")
+    group_index = get("group_index")
+    timelimit = get("timelimit")
+    hard, soft = (None, None) if timelimit is None else _time_limits(timelimit)
+    eta, expires = get("eta"), get("expires")
+    ignore_result = get("ignore_result")
+    stamps = get("stamps")
+    root_id, parent_id, shadow = get("root_id"), get("parent_id"), get("shadow")
+    origin, argsrepr, kwargsrepr = get("origin"), get("argsrepr"), get("kwargsrepr")
     return TaskHeaders(
         id=task_id,
         task=task,
-        eta=parse_time(source.get("eta"), "eta"),
-        expires=parse_time(source.get("expires"), "expires"),
+        eta=None if eta is None else parse_time(eta, "eta"),
+        expires=None if expires is None else parse_time(expires, "expires"),
         retries=int(retries) if isinstance(retries, (int, float)) else 0,
-        group=_optional_str(source.get("group", source.get("taskset"))),
+        group=group if group is None or type(group) is str else str(group),
         group_index=int(group_index) if isinstance(group_index, int) else None,
-        root_id=_optional_str(source.get("root_id")),
-        parent_id=_optional_str(source.get("parent_id")),
-        shadow=_optional_str(source.get("shadow")),
+        root_id=root_id if root_id is None or type(root_id) is str else str(root_id),
+        parent_id=parent_id if parent_id is None or type(parent_id) is str else str(parent_id),
+        shadow=shadow if shadow is None or type(shadow) is str else str(shadow),
         time_limit=hard,
         soft_time_limit=soft,
-        origin=_optional_str(source.get("origin")),
-        ignore_result=source.get("ignore_result")
-        if isinstance(source.get("ignore_result"), bool) else None,
-        argsrepr=_optional_str(source.get("argsrepr")),
-        kwargsrepr=_optional_str(source.get("kwargsrepr")),
-        replaced_task_nesting=int(source.get("replaced_task_nesting") or 0),
-        stamped_headers=source.get("stamped_headers"),
-        stamps=dict(stamps) if isinstance(stamps, Mapping) else {},
+        origin=origin if origin is None or type(origin) is str else str(origin),
+        ignore_result=ignore_result if isinstance(ignore_result, bool) else None,
+        argsrepr=argsrepr if argsrepr is None or type(argsrepr) is str else str(argsrepr),
+        kwargsrepr=(kwargsrepr if kwargsrepr is None or type(kwargsrepr) is str
+                    else str(kwargsrepr)),
+        replaced_task_nesting=int(get("replaced_task_nesting") or 0),
+        stamped_headers=get("stamped_headers"),
+        stamps=dict(stamps) if type(stamps) is dict or isinstance(stamps, Mapping) else {},
         extra={k: v for k, v in source.items() if k not in _KNOWN_HEADERS},
         protocol=protocol,
     )
@@ -487,8 +492,9 @@ def headers_from_mapping(source: Mapping[str, Any], protocol: int) -> TaskHeader
 
 def _decoded_payload(envelope: Envelope, accept: frozenset[str]) -> Any:
     body = envelope.body
-    compression = envelope.headers.get("compression") if isinstance(
-        envelope.headers, Mapping) else None
+    headers = envelope.headers
+    compression = headers.get("compression") if type(headers) is dict or isinstance(
+        headers, Mapping) else None
     if compression:
         body = serialization.decompress(body, str(compression))
     return serialization.loads(body, envelope.content_type, envelope.content_encoding, accept)
@@ -501,7 +507,7 @@ def read_headers(envelope: Envelope, accept: frozenset[str]) -> TaskHeaders:
     (ContentDisallowed, DecodeError) for a v1 body that can't be read.
     """
     headers = envelope.headers
-    if not isinstance(headers, Mapping):
+    if type(headers) is not dict and not isinstance(headers, Mapping):
         raise MessageError("unknown message: headers are not a mapping")
     if "task" in headers:
         return headers_from_mapping(headers, protocol=2)
@@ -516,7 +522,7 @@ def decode_body(
 ) -> tuple[list[Any], dict[str, Any], Embed]:
     """``(args, kwargs, embed)`` of a task message. Raises MessageError / DecodeError."""
     payload = _decoded_payload(envelope, accept)
-    if protocol == 1 or isinstance(payload, Mapping):
+    if protocol == 1 or (type(payload) is not list and isinstance(payload, Mapping)):
         if not isinstance(payload, Mapping):
             raise MessageError("protocol 1 body is not a mapping")
         args, kwargs = payload.get("args", []), payload.get("kwargs", {})
@@ -529,6 +535,6 @@ def decode_body(
         embed = Embed.from_value(raw_embed)
     if not isinstance(args, (list, tuple)):
         raise MessageError(f"args must be an array, not {type(args).__name__}")
-    if not isinstance(kwargs, Mapping):
+    if type(kwargs) is not dict and not isinstance(kwargs, Mapping):
         raise MessageError(f"kwargs must be an object, not {type(kwargs).__name__}")
     return list(args), dict(kwargs), embed

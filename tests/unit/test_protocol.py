@@ -253,3 +253,37 @@ def test_a_forked_child_never_sends_its_parents_next_ids() -> None:
     parent_ids = [protocol.new_id() for _ in range(5)]
     assert len(child_ids) == 5
     assert not set(child_ids) & set(parent_ids)
+
+
+def test_headers_of_unusual_types_read_as_celery_writes_them() -> None:
+    from types import MappingProxyType
+
+    headers = MappingProxyType({
+        "task": "t", "id": "i", "group": 7, "group_index": 2, "root_id": 5,
+        "parent_id": None, "shadow": "s", "origin": b"o", "argsrepr": 1, "kwargsrepr": None,
+        "timelimit": (3, None), "retries": 2.0, "ignore_result": 1, "eta": "",
+        "stamps": MappingProxyType({"a": 1}), "replaced_task_nesting": None, "custom": [1],
+    })
+    envelope = Envelope(b'[[1], {"k": 2}, null]', "application/json", "utf-8", headers)
+    read = protocol.read_headers(envelope, JSON)
+    assert (read.group, read.group_index, read.root_id, read.parent_id, read.shadow,
+            read.origin, read.argsrepr, read.kwargsrepr) == (
+        "7", 2, "5", None, "s", "b'o'", "1", None)
+    assert (read.time_limit, read.soft_time_limit, read.retries, read.eta) == (
+        3.0, None, 2, None)
+    assert read.ignore_result is None  # only a real boolean says it
+    assert read.stamps == {"a": 1}
+    assert type(read.stamps) is dict
+    assert read.extra == {"custom": [1]}
+    assert protocol.decode_body(envelope, JSON)[:2] == ([1], {"k": 2})
+
+
+def test_a_v1_taskset_names_the_group_only_where_group_is_missing() -> None:
+    def group_of(headers: dict[str, object]) -> str | None:
+        envelope = Envelope(b"[[], {}, null]", "application/json", "utf-8",
+                            {"task": "t", "id": "i", **headers})
+        return protocol.read_headers(envelope, JSON).group
+
+    assert group_of({"taskset": "ts"}) == "ts"
+    assert group_of({"group": "g", "taskset": "ts"}) == "g"
+    assert group_of({"group": None, "taskset": "ts"}) is None

@@ -239,7 +239,8 @@ def decode_envelope(payload: bytes | str) -> StoredMessage:
             raise TypeError("body is not a string")
         info = properties.get("delivery_info") or {}
         redelivered = bool(info.get("redelivered")) or (
-            isinstance(headers, Mapping) and bool(headers.get("redelivered"))
+            (type(headers) is dict or isinstance(headers, Mapping))
+            and bool(headers.get("redelivered"))
         )
         envelope = Envelope(
             body,
