@@ -105,7 +105,7 @@ def test_a_wake_left_over_from_before_the_fetch_does_not_make_it_spin(
     sibling.close()
 
 
-def test_change_reports_stay_on_after_a_partial_batch_and_stop_after_a_full_one(
+def test_change_reports_stay_on_after_a_fetch_that_empties_the_queue_and_stop_otherwise(
     connect: Callable[[], RedisBroker], gate_directory: str
 ) -> None:
     broker, producer = connect(), connect()
@@ -122,12 +122,14 @@ def test_change_reports_stay_on_after_a_partial_batch_and_stop_after_a_full_one(
     assert waiter.gate.held  # the queue is empty, and this one looks again after its jobs
     broker.hand_over_idle_wait()  # unless they take long
     assert not waiter.gate.held
-    for n in range(3):
+    for n in range(4):
         producer.publish(envelope(str(n)), exchange="", routing_key="q")
     full = broker.fetch(["q"], 3, PATIENCE)
     assert len(full) == 3
     assert not waiter.listener.tracking  # busy: no report per push until idle again
-    broker.ack_many([*partial, *full])
+    rest = broker.fetch(["q"], 3, PATIENCE)
+    assert len(rest) == 1
+    broker.ack_many([*partial, *full, *rest])
     assert broker.fetch(["q"], 10, 0.2) == []  # idle again: reports back on
     assert waiter.listener.tracking
     # Partial batches that never leave the fetch idle: nobody would read the reports.
@@ -165,18 +167,33 @@ def test_a_fetch_that_empties_the_queue_keeps_the_gate_until_it_hands_it_over(
     assert [d.envelope.body for batch in got for d in batch] == [b"second"]
 
 
-def test_a_full_batch_lets_the_gate_go_at_once(
+def test_a_batch_that_leaves_messages_behind_lets_the_gate_go_at_once(
     connect: Callable[[], RedisBroker], gate_directory: str
 ) -> None:
     broker, producer = connect(), connect()
     broker.share_idle_wait(IdleGate(gate_directory))
     assert broker.fetch(["q"], 10, 0.2) == []
-    producer.publish_many([(envelope(str(n)), "", "q") for n in range(3)])
-    assert len(broker.fetch(["q"], 3, PATIENCE)) == 3  # more may wait: siblings should look
+    producer.publish_many([(envelope(str(n)), "", "q") for n in range(4)])
+    assert len(broker.fetch(["q"], 3, PATIENCE)) == 3  # one waits: a sibling should take it
     assert broker.idle_wait_kept_until() is None
     sibling = IdleGate(gate_directory)
     assert sibling.acquire(0)
     sibling.close()
+
+
+def test_a_full_batch_that_empties_the_queue_keeps_the_gate_and_the_reports(
+    connect: Callable[[], RedisBroker], gate_directory: str
+) -> None:
+    # A window of one message (a prefetch multiplier of 1): every batch is full, and the
+    # script says whether the queue is empty.
+    broker, producer = connect(), connect()
+    broker.share_idle_wait(IdleGate(gate_directory))
+    assert broker.fetch(["q"], 1, 0.2) == []
+    producer.publish(envelope("only"), exchange="", routing_key="q")
+    assert len(broker.fetch(["q"], 1, PATIENCE)) == 1
+    assert broker.idle_wait_kept_until() is not None
+    assert broker._waiter.listener.tracking
+    broker.hand_over_idle_wait()
 
 
 def fetch_scripts_run(client: redis.Redis) -> int:
@@ -311,3 +328,20 @@ def test_a_worker_with_no_backlog_sends_no_fetch_ahead(
     # The fetch that takes the task and the look after it that finds nothing: two. A
     # fetch sent ahead as the task starts would make it three.
     assert per_round < 2.5, per_round
+
+
+def test_a_look_says_whether_any_queue_or_priority_step_holds_more(
+    connect: Callable[[], RedisBroker],
+) -> None:
+    broker, producer = connect(), connect()
+    urgent = Envelope(b"u", "application/json", "utf-8", {"task": "t"}, {"priority": 9})
+    producer.publish(envelope("first"), exchange="", routing_key="q1")
+    producer.publish(urgent, exchange="", routing_key="q2")
+    taken, _, more = broker._take(["q1", "q2"], 1)
+    assert len(taken) == 1
+    assert more
+    taken, _, more = broker._take(["q1", "q2"], 1)
+    assert len(taken) == 1
+    assert not more
+    taken, _, more = broker._take(["q1", "q2"], 1)
+    assert (taken, more) == ([], False)

@@ -374,9 +374,9 @@ class RedisBroker(Broker):
 
     # -- consuming ----------------------------------------------------------------------
     def fetch(self, queues: Sequence[str], max_messages: int, timeout: float) -> list[Delivery]:
-        ahead = self.take_ahead()
+        ahead, more = self._take_ahead()
         if ahead:
-            self._waiter.quiet(busy=len(ahead) >= max_messages)
+            self._waiter.quiet(busy=more)
             return ahead
         names = unique_queue_names(queues, max_messages)
         self._check_pid()
@@ -394,12 +394,12 @@ class RedisBroker(Broker):
                     self._restorer.maybe_scan()
                     if fanout:
                         self._buffer_fanout(self._waiter.collect(fanout, watched))
-                deliveries, next_due = self._take(names, max_messages)
+                deliveries, next_due, more = self._take(names, max_messages)
             except BrokerError:
                 self._waiter.forget()  # its sockets are likely as dead as this one was
                 raise
             if deliveries:
-                self._waiter.quiet(busy=len(deliveries) >= max_messages)
+                self._waiter.quiet(busy=more)
                 return deliveries
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -413,11 +413,15 @@ class RedisBroker(Broker):
             with self._redis():
                 self._buffer_fanout(self._waiter.sleep(watched, prefixes, remaining))
 
-    def _take(self, names: list[str], max_messages: int) -> tuple[list[Delivery], float | None]:
+    def _take(
+        self, names: list[str], max_messages: int
+    ) -> tuple[list[Delivery], float | None, bool]:
+        """What one look takes, when the next delayed message falls due, and whether
+        more is waiting."""
         deliveries = self._take_fanout(names, max_messages)
         room = max_messages - len(deliveries)
         if room <= 0:
-            return deliveries, None
+            return deliveries, None, True
         keys, args = self._fetch_call(names, room, secrets.token_hex(6) + ":")
         return self._read_fetch_reply(names, self._run("FETCH", keys, args), deliveries)
 
@@ -441,9 +445,9 @@ class RedisBroker(Broker):
 
     def _read_fetch_reply(
         self, names: list[str], reply: Any, deliveries: list[Delivery]
-    ) -> tuple[list[Delivery], float | None]:
-        """``deliveries`` and those of the fetch script's ``reply``, and when the next
-        delayed message falls due."""
+    ) -> tuple[list[Delivery], float | None, bool]:
+        """``deliveries`` and those of the fetch script's ``reply``, when the next
+        delayed message falls due, and whether its lists held more."""
         next_due = float(reply[0]) if reply[0] else None
         if reply[1]:
             logger.error(
@@ -451,14 +455,14 @@ class RedisBroker(Broker):
                 reply[1],
                 ",".join(names),
             )
-        for index in range(2, len(reply), 5):
+        for index in range(3, len(reply), 5):
             queue_index, payload, tag, count, token = reply[index : index + 5]
             deliveries.append(
                 self._delivery(
                     names[int(queue_index) - 1], payload, tag.decode(), int(count), token.decode()
                 )
             )
-        return deliveries, next_due
+        return deliveries, next_due, bool(reply[2])
 
     # -- fetching ahead -------------------------------------------------------------------
     def fetch_ahead(
@@ -493,23 +497,28 @@ class RedisBroker(Broker):
             return True
 
     def take_ahead(self) -> list[Delivery]:
+        return self._take_ahead()[0]
+
+    def _take_ahead(self) -> tuple[list[Delivery], bool]:
+        """The deliveries of a fetch sent ahead, and whether its lists held more."""
         self._check_pid()  # a forked child starts with no fetch of its own pending
         with self._ahead_lock:
             ahead, self._ahead = self._ahead, None
             if ahead is None:
-                return []
+                return [], False
             try:
                 reply = ahead.connection.read_response()
             except redis.exceptions.NoScriptError:
-                return []  # it did not run; the usual fetch loads the script
+                return [], False  # it did not run; the usual fetch loads the script
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 ahead.connection.disconnect()
                 self._release_lost_fetch(ahead, exc)
-                return []
+                return [], False
             except redis.RedisError:
                 with self._redis():
                     raise
-        return self._read_fetch_reply(ahead.names, reply, [])[0]
+        deliveries, _, more = self._read_fetch_reply(ahead.names, reply, [])
+        return deliveries, more
 
     def _release_lost_fetch(self, ahead: _Ahead, exc: Exception) -> None:
         """The reply of a fetch sent ahead was lost with its connection: give back what

@@ -48,7 +48,8 @@ end
 #       one key per queue in queue order.
 # ARGV: now, lease_until, max, token_prefix, queue count, per-queue scan limit,
 #       dead-letter cap.
-# Returns {next_due_or_'', invalid_count, (queue index, envelope, tag, count, token)...}.
+# Returns {next_due_or_'', invalid_count, more, (queue index, envelope, tag, count,
+#          token)...}; ``more`` is 1 if any of the lists still holds a message.
 FETCH = (
     _HELPERS
     + """
@@ -92,7 +93,7 @@ for i = 1, nq do
   end
 end
 
-local out = {'', 0}
+local out = {'', 0, 0}
 local taken = 0
 
 local function take(payload, key, qi)
@@ -163,6 +164,15 @@ for step = 1, steps do
         end
       end
     end
+  end
+end
+
+-- Whether a look right now would find more: the caller lets a sibling listen and
+-- stops the change reports only then.
+for k = first_list, #KEYS do
+  if redis.call('LLEN', KEYS[k]) > 0 then
+    out[3] = 1
+    break
   end
 end
 
