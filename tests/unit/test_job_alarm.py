@@ -98,3 +98,14 @@ def test_disarming_cancels_both_and_a_late_signal_finds_nothing_due(
 def test_a_job_without_either_deadline_sets_no_timer(alarm: JobAlarm) -> None:
     alarm.arm(None, None, lambda: None)
     assert timer_left() == 0
+
+
+def test_a_hand_over_that_fails_is_reported_and_the_job_runs_on(
+    alarm: JobAlarm, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> None:
+        raise OSError("the gate's file is gone")
+
+    alarm.arm(None, time.monotonic() + 0.01, broken)
+    busy_for(0.05)  # not interrupted
+    assert "Could not hand the idle wait over" in caplog.text

@@ -14,12 +14,15 @@ no system call.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 from conveyor.errors import SoftTimeLimitExceeded
+
+logger = logging.getLogger("conveyor.worker")
 
 
 class JobAlarm:
@@ -40,7 +43,7 @@ class JobAlarm:
         when ``hand_over`` is called (at once if that time has passed)."""
         now = time.monotonic()
         if hand_over_at is not None and hand_over_at <= now:
-            hand_over()
+            _hand_over_now(hand_over)
             hand_over_at = None
         self._soft_at = now + soft_time_limit if soft_time_limit else None
         self._hand_over_at = hand_over_at
@@ -72,9 +75,16 @@ class JobAlarm:
         if self._hand_over_at is not None and now >= self._hand_over_at:
             self._hand_over_at = None
             if hand_over is not None:
-                hand_over()
+                _hand_over_now(hand_over)
         if self._soft_at is not None and now >= self._soft_at:
             self._soft_at = None
             self._set(now)
             raise SoftTimeLimitExceeded("soft time limit exceeded")
         self._set(now)
+
+
+def _hand_over_now(hand_over: Callable[[], None]) -> None:
+    try:
+        hand_over()
+    except Exception:  # raised in the job, it would end the task: only report it
+        logger.exception("Could not hand the idle wait over to a sibling")
