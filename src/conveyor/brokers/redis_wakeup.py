@@ -14,9 +14,10 @@ Redis's *client-side caching* invalidations wake:
 * ``wake()`` writes to a pipe the listener's ``select`` also watches, so it works from a
   signal handler and while Redis is down.
 
-Tracking is switched off when a fetch returns messages, so a busy worker is not sent a
-notice per push it would only read later. A server that refuses ``CLIENT TRACKING`` (some
-hosted Redis disable ``CLIENT``) is polled every ``polling_interval`` instead.
+Tracking is switched off when a fetch leaves messages behind (or fetches keep finding
+some), so a busy worker is not sent a notice per push it would only read later. A server
+that refuses ``CLIENT TRACKING`` (some hosted Redis disable ``CLIENT``) is polled every
+``polling_interval`` instead.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ logger = logging.getLogger("conveyor.brokers.redis")
 
 INVALIDATE_CHANNEL = b"__redis__:invalidate"
 FETCHES_BEFORE_QUIET = 8
-"""Fetches in a row that find messages, none of them full, after which change reports
+"""Fetches in a row that find messages, each taking the last, after which change reports
 stop until the next sleep."""
 KEEP_WATCH = 0.001
 """Seconds a process that emptied the queue keeps the idle gate while it runs what it
