@@ -371,3 +371,25 @@ def test_a_list_value_that_is_not_an_envelope_is_dead_lettered(
     assert [d.envelope.body for d in broker.fetch(["q"], 10, timeout=0)] == [b"fine"]
     [letter] = broker.dead_letters("q")
     assert "not a kombu envelope" in letter.reason
+
+
+def test_a_delivery_settles_from_the_reference_a_process_record_keeps(
+    connect: Callable[..., RedisBroker],
+) -> None:
+    import pickle
+
+    from conveyor.envelope import Delivery
+    from conveyor.errors import BrokerError
+    from conveyor.worker.slot import delivery_from_ref, delivery_ref
+
+    broker = connect()
+    broker.publish(envelope("kept"), exchange="", routing_key="q")
+    (delivery,) = broker.fetch(["q"], 1, timeout=PROMPT)
+    # What the supervisor reads back from a dead process's record.
+    rebuilt = delivery_from_ref(pickle.loads(pickle.dumps(delivery_ref(delivery))))
+    broker.ack(rebuilt)
+    assert broker.stats(["q"])[0].leased == 0
+    for foreign in ((7, 12), "message-id", ("q",), (b"tag", "q")):
+        stray = Delivery(delivery.envelope, "q", "token", "", "q", False, 1, foreign)
+        with pytest.raises(BrokerError, match="not issued by a Redis broker"):
+            broker.ack(stray)
