@@ -140,3 +140,24 @@ def test_the_connection_of_fetches_sent_ahead_opens_again_after_a_failure(
     second = broker.take_ahead()
     rest = broker.fetch([QUEUE], 3, timeout=0)
     assert sorted(bodies([*(first or []), *second, *rest])) == ["2", "3"]
+
+
+def test_a_fetch_ahead_whose_connection_fails_as_it_is_sent_gives_back_what_it_took(
+        connect: Callable[..., RedisBroker], monkeypatch: pytest.MonkeyPatch) -> None:
+    import conveyor.brokers.redis as redis_broker
+
+    broker = connect()
+    publish(broker, "1", "2", "3")
+    real_send = redis_broker.send
+
+    def send_then_fail(connection: Any, args: tuple[Any, ...]) -> None:
+        # The bytes went out and Redis ran the script; the error comes as the socket dies.
+        real_send(connection, args)
+        connection.read_response()
+        raise redis.ConnectionError("connection reset while sending")
+
+    monkeypatch.setattr(redis_broker, "send", send_then_fail)
+    assert not broker.fetch_ahead([QUEUE], 2, lambda _: None)
+    monkeypatch.setattr(redis_broker, "send", real_send)
+    assert counts(broker) == (3, 0)  # back now, not when the leases lapse in an hour
+    assert bodies(broker.fetch([QUEUE], 3, timeout=0)) == ["1", "2", "3"]

@@ -485,11 +485,11 @@ class RedisBroker(Broker):
             note(prefix)
             try:
                 send(connection, ("EVALSHA", script.sha, len(keys), *keys, *args))
-            except redis.RedisError:
+            except redis.RedisError as exc:
                 # Whether Redis ran it or not, nobody will read the reply: what it may
-                # have taken comes back when its lease lapses. The connection opens
-                # again on its next use.
+                # have taken goes back now. The connection opens again on its next use.
                 connection.disconnect()
+                self._release_lost_fetch(names, prefix, exc)
                 return False
             self._ahead = _Ahead(connection, names, prefix)
             return True
@@ -510,7 +510,7 @@ class RedisBroker(Broker):
                 return [], False  # it did not run; the usual fetch loads the script
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 ahead.connection.disconnect()
-                self._release_lost_fetch(ahead, exc)
+                self._release_lost_fetch(ahead.names, ahead.prefix, exc)
                 return [], False
             except redis.RedisError:
                 with self._redis():
@@ -518,11 +518,11 @@ class RedisBroker(Broker):
         deliveries, _, more = self._read_fetch_reply(ahead.names, reply, [])
         return deliveries, more
 
-    def _release_lost_fetch(self, ahead: _Ahead, exc: Exception) -> None:
+    def _release_lost_fetch(self, names: list[str], prefix: str, exc: Exception) -> None:
         """The reply of a fetch sent ahead was lost with its connection: give back what
         it took now (on a new connection), not when the leases lapse."""
         try:
-            released = self.release_unread(ahead.names, ahead.prefix)
+            released = self.release_unread(names, prefix)
         except BrokerError as again:
             logger.warning("Lost the reply of a fetch sent ahead (%s) and could not give "
                            "back what it took (%s); it comes back when its leases lapse",
