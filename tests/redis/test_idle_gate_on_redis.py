@@ -105,12 +105,21 @@ def test_a_wake_left_over_from_before_the_fetch_does_not_make_it_spin(
     sibling.close()
 
 
+def listening_holder(
+    connect: Callable[[], RedisBroker], gate_directory: str, window: int = 10
+) -> tuple[RedisBroker, RedisBroker]:
+    """A broker that went idle with a window of ``window`` messages, so it listens
+    holding the gate, and a producer."""
+    broker, producer = connect(), connect()
+    broker.share_idle_wait(IdleGate(gate_directory))
+    assert broker.fetch(["q"], window, 0.2) == []
+    return broker, producer
+
+
 def test_change_reports_stay_on_after_a_fetch_that_empties_the_queue_and_stop_otherwise(
     connect: Callable[[], RedisBroker], gate_directory: str
 ) -> None:
-    broker, producer = connect(), connect()
-    broker.share_idle_wait(IdleGate(gate_directory))
-    assert broker.fetch(["q"], 10, 0.2) == []  # idle: it listens, holding the gate
+    broker, producer = listening_holder(connect, gate_directory)
     waiter = broker._waiter
     assert waiter.listener.tracking
     assert waiter.gate is not None
@@ -143,9 +152,7 @@ def test_change_reports_stay_on_after_a_fetch_that_empties_the_queue_and_stop_ot
 def test_a_fetch_that_empties_the_queue_keeps_the_gate_until_it_hands_it_over(
     connect: Callable[[], RedisBroker], gate_directory: str
 ) -> None:
-    broker, producer = connect(), connect()
-    broker.share_idle_wait(IdleGate(gate_directory))
-    assert broker.fetch(["q"], 10, 0.2) == []  # idle: it listens, holding the gate
+    broker, producer = listening_holder(connect, gate_directory)
     producer.publish(envelope("first"), exchange="", routing_key="q")
     began = time.monotonic()
     assert len(broker.fetch(["q"], 10, PATIENCE)) == 1  # a partial batch: the queue is empty
@@ -172,9 +179,7 @@ def test_a_fetch_that_empties_the_queue_keeps_the_gate_until_it_hands_it_over(
 def test_a_batch_that_leaves_messages_behind_lets_the_gate_go_at_once(
     connect: Callable[[], RedisBroker], gate_directory: str
 ) -> None:
-    broker, producer = connect(), connect()
-    broker.share_idle_wait(IdleGate(gate_directory))
-    assert broker.fetch(["q"], 10, 0.2) == []
+    broker, producer = listening_holder(connect, gate_directory)
     producer.publish_many([(envelope(str(n)), "", "q") for n in range(4)])
     assert len(broker.fetch(["q"], 3, PATIENCE)) == 3  # one waits: a sibling should take it
     assert broker.idle_wait_kept_until() is None
@@ -188,9 +193,7 @@ def test_a_full_batch_that_empties_the_queue_keeps_the_gate_and_the_reports(
 ) -> None:
     # A window of one message (a prefetch multiplier of 1): every batch is full, and the
     # script says whether the queue is empty.
-    broker, producer = connect(), connect()
-    broker.share_idle_wait(IdleGate(gate_directory))
-    assert broker.fetch(["q"], 1, 0.2) == []
+    broker, producer = listening_holder(connect, gate_directory, window=1)
     producer.publish(envelope("only"), exchange="", routing_key="q")
     assert len(broker.fetch(["q"], 1, PATIENCE)) == 1
     assert broker.idle_wait_kept_until() is not None
