@@ -58,10 +58,12 @@ def test_prefetched_messages_are_not_lost_when_a_worker_is_killed(
     app: Conveyor, env: dict[str, str], tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
     log = tmp_path / "record.log"
-    first = start_worker(env, tmp_path / "w1.log", "-c", "1", "--prefetch-multiplier", "8")
-    workers.append(first)
+    # Queued before the worker starts: its first fetch takes all seven. A worker already
+    # idle could take the first alone, and could not prefetch the rest behind it.
     proc_app.block.delay(str(log), 60)
     results = [proc_app.record.delay(str(log), n) for n in range(6)]
+    first = start_worker(env, tmp_path / "w1.log", "-c", "1", "--prefetch-multiplier", "8")
+    workers.append(first)
     wait_until(lambda: log.exists() and "block" in log.read_text(), what="block started")
     wait_until(lambda: app.broker.stats(["celery"])[0].ready == 0, what="all prefetched")
     first.kill()
