@@ -260,8 +260,10 @@ class Conveyor:
         targets: list[Target] = []
         ids: list[str] = []
         # Options given once are planned once, unless they delay the calls (each then
-        # goes on its own) or need checking (each call's merged options are checked).
+        # goes on its own), need checking (each call's merged options are checked) or are
+        # per call (a root or parent id: each call's options must carry it).
         hoisted = shared if shared and shared.keys() <= CALL_OPTIONS and (
+            shared.keys().isdisjoint(PER_CALL_OPTIONS)) and (
             shared.get("countdown") is None and shared.get("eta") is None) else None
         merged = shared if shared and hoisted is None else None
         last_name, last_plan = None, None  # for calls whose options are all per call

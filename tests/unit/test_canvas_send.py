@@ -115,6 +115,8 @@ def test_chord_header_members_carry_the_body(app: tuple[Conveyor, Capture]) -> N
     {"queue": "shared", "priority": 7},
     {"headers": {"x-extra": "yes"}, "acks_late": True},  # the general path, for each
     {"queue": "shared", "link": Signature("proj.log")},
+    {"queue": "shared", "root_id": "the-root", "parent_id": "the-parent"},  # per call
+    {"root_id": "the-root"},
 ])
 def test_group_options_apply_over_each_members_own(
     app: tuple[Conveyor, Capture], shared: dict[str, Any]
