@@ -81,17 +81,22 @@ def new_id() -> str:
             _ids.extend(_fresh_ids())
 
 
-_process_origin: list[str] = []  # origin_name() of this process, once known
+_process_origin: list[tuple[str, str]] = []  # origin_name() of this process and its JSON
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_process_origin.clear)  # a child has its own pid
+
+
+def _origin() -> tuple[str, str]:
+    if not _process_origin:
+        name = f"gen{os.getpid()}@{socket.gethostname()}"
+        _process_origin.append((name, encode_basestring_ascii(name)))
+    return _process_origin[0]
 
 
 def origin_name() -> str:
     """``gen<pid>@<host>``, Celery's node name for a client process (cached per process:
     asking for the pid is a system call, which showed in profiles of bulk sends)."""
-    if not _process_origin:
-        _process_origin.append(f"gen{os.getpid()}@{socket.gethostname()}")
-    return _process_origin[0]
+    return _origin()[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +304,9 @@ class CallTemplate:
     right in the dict; the envelope then has no ``headers_json``.
     """
 
-    __slots__ = ("_head", "_headers", "_ignore_result", "_origin", "_origin_json",
-                 "_retries", "_shadow", "_soft_time_limit", "_task", "_time_limit",
-                 "_timing")
+    __slots__ = ("_head", "_headers", "_ignore_result", "_last_group", "_origin",
+                 "_origin_json", "_retries", "_shadow", "_soft_time_limit", "_task",
+                 "_time_limit", "_timing")
 
     def __init__(
         self,
@@ -349,6 +354,8 @@ class CallTemplate:
         self._origin_json = header_json(origin) if origin else ""
         self._head: tuple[str, str, str] | None = None
         self._timing = ""
+        # The members of a group share its id (text): its JSON is made once for them all.
+        self._last_group: tuple[str | None, str] = (None, "null")
         if None not in fixed and self._origin_json is not None:
             task_json, shadow_json, retries_json, limits_json, ignore_json = fixed
             self._head = (
@@ -391,7 +398,7 @@ class CallTemplate:
             body, argsrepr, kwargsrepr = _EMPTY_CALL_BODY, "()", "{}"
             reprs_json = '"()", "kwargsrepr": "{}"'
         root_id = root_id or task_id
-        origin = self._origin or origin_name()
+        origin, origin_json = (self._origin, self._origin_json) if self._origin else _origin()
         headers = self._headers.copy()
         headers["id"] = task_id
         headers["group"] = group
@@ -411,8 +418,14 @@ class CallTemplate:
             id_json = (encode_basestring_ascii(task_id) if type(task_id) is str
                        else header_json(task_id))
             root_json = id_json if root_id is task_id else header_json(root_id)
-            group_json = ("null" if group is None else encode_basestring_ascii(group)
-                          if type(group) is str else header_json(group))
+            last_group = self._last_group
+            if group is last_group[0]:
+                group_json: str | None = last_group[1]
+            elif type(group) is str:
+                group_json = encode_basestring_ascii(group)
+                self._last_group = (group, group_json)
+            else:
+                group_json = header_json(group)
             index_json = ("null" if group_index is None else int.__repr__(group_index)
                           if type(group_index) is int else header_json(group_index))
             parent_json = "null" if parent_id is None else header_json(parent_id)
@@ -422,8 +435,7 @@ class CallTemplate:
                 rendered = (
                     f'{start}{id_json}{shadow}{group_json}, "group_index": {index_json}'
                     f'{self._timing}{root_json}, "parent_id": {parent_json}, "argsrepr": '
-                    f'{reprs_json}, "origin": '
-                    f'{self._origin_json or encode_basestring_ascii(origin)}{end}'
+                    f'{reprs_json}, "origin": {origin_json}{end}'
                 )
         properties = {
             "correlation_id": task_id,

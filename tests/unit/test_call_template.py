@@ -152,6 +152,24 @@ def test_lean_encoding_matches_encode_task(seed: int) -> None:
         assert_same(got, reference(template, call))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_one_template_writes_each_of_a_run_of_calls_as_if_alone(seed: int) -> None:
+    # A template keeps what it wrote of the last call's group for the next (a group's
+    # members come in a row): a change of group must never carry the old one over.
+    rng = random.Random(seed)
+    template = random_template(rng)
+    made = CallTemplate(**template)
+    groups = [None, str(uuid.uuid4()), str(uuid.uuid4()), "grôupe", uuid.UUID(int=3)]
+    for _ in range(100):
+        call = random_call(rng)
+        call["group"] = rng.choice(groups)
+        got = made.encode(
+            call["task_id"], call["args"], call["kwargs"], call["group"],
+            call["group_index"], call["root_id"], call["parent_id"], call["reply_to"],
+            call["priority"], call["delivery_mode"])
+        assert_same(got, reference(template, call))
+
+
 def test_common_calls_come_with_their_headers_as_json() -> None:
     call = random_call(random.Random(1))
     envelope = lean({"task": "proj.add", "ignore_result": True}, call)
