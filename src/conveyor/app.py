@@ -305,6 +305,35 @@ class Conveyor:
             producer.publish_envelopes(items, targets)
         return ids
 
+    def send_group_calls(
+        self,
+        name: str,
+        calls: Sequence[Mapping[str, Any]],
+        group_id: str,
+        shared: Mapping[str, Any],
+    ) -> list[str] | None:
+        """Send ``calls`` of task ``name`` (signatures with no options of their own) as
+        members 0, 1... of group ``group_id``, with ``shared`` options, in one broker
+        operation; returns their task ids.
+
+        What :meth:`send_calls` does with such calls (a group of ``task.s(...)``), with
+        the plan and route looked up once for all. None, with nothing sent, when the
+        options need each call planned (or checked, or delayed) on its own."""
+        keys = shared.keys()
+        if not (keys <= CALL_OPTIONS and keys.isdisjoint(PER_CALL_OPTIONS)
+                and shared.get("countdown") is None and shared.get("eta") is None):
+            return None
+        producer = self.producer
+        plan = producer.plan(name, shared)
+        if plan is None or plan.target is None:
+            return None
+        target = plan.target
+        envelopes = producer.plain_members(plan, calls, group_id)
+        exchange, routing_key = target.exchange, target.routing_key
+        producer.publish_envelopes([(envelope, exchange, routing_key) for envelope in envelopes],
+                                   [target])
+        return [envelope.headers["id"] for envelope in envelopes]
+
     async def asend_task(
         self,
         name: str,

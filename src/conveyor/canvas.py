@@ -299,7 +299,7 @@ class group(Signature):  # noqa: N801 - Celery's name, used as a function
             merged = {**self.options, **options}
             group_id = str(merged.get("group_id") or new_id())
             ids = send_members(members, group_id, merged, app)
-            return GroupResult(group_id, [AsyncResult(str(i), app) for i in ids], app)
+            return GroupResult(group_id, [AsyncResult(i, app) for i in ids], app)
         call = self.clone(args, kwargs, **options)
         assert isinstance(call, group)
         result = call.freeze(options.get("group_id"))
@@ -405,6 +405,12 @@ def send_members(members: Sequence[Signature], group_id: str, options: Mapping[s
     signature is left as it was)."""
     shared = {k: v for k, v in options.items() if k not in (*MEMBERSHIP, "task_id")}
     body = options.get("chord")
+    if body is None:
+        name = _bare_calls_task(members)
+        if name is not None:
+            sent = app.send_group_calls(name, members, group_id, shared)
+            if sent is not None:
+                return sent
     plain: list[tuple[str, Sequence[Any], Mapping[str, Any], Mapping[str, Any]]] = []
     ids: list[str] = []
     for index, member in enumerate(members):
@@ -436,6 +442,19 @@ def send_members(members: Sequence[Signature], group_id: str, options: Mapping[s
     if plain:
         app.send_calls(plain, shared)
     return ids
+
+
+def _bare_calls_task(members: Sequence[Signature]) -> str | None:
+    """The task of ``members`` if they are all plain calls of one task with no options
+    of their own (a group of ``task.s(...)``), else None."""
+    name = members[0].get("task") if members else None
+    if type(name) is not str:
+        return None
+    for member in members:
+        if not (type(member) is Signature and member["task"] == name
+                and not member["options"] and member.get("subtask_type") is None):
+            return None
+    return name
 
 
 def _is_plain(member: Any) -> bool:

@@ -96,6 +96,15 @@ def _settle(settings: Settings) -> _Settled:
     )
 
 
+def _lineage() -> tuple[str | None, str | None]:
+    """The root and parent ids a call made now inherits: those of the task running in
+    this context, if any (a task called directly, as a function, is not a parent)."""
+    parent = current_request()
+    if parent.id is not None and not parent.called_directly:
+        return parent.root_id, parent.id
+    return None, None
+
+
 class Producer:
     """Publishes task messages for one app; declares each queue once per broker.
 
@@ -197,26 +206,40 @@ class Producer:
             if target.priority is not None and options.get("priority") is None:
                 priority = target.priority
         task_id = options.get("task_id") or protocol.new_id()
-        parent = current_request()
-        if parent.id is not None and not parent.called_directly:
-            root_id = options.get("root_id") or parent.root_id or task_id
-            parent_id = options.get("parent_id") or parent.id
-        else:
-            root_id = options.get("root_id") or task_id
-            parent_id = options.get("parent_id")
+        inherited_root, inherited_parent = _lineage()
         envelope = plan.template.encode(
             task_id,
             args,
             kwargs,
             options.get("group_id"),
             options.get("group_index"),
-            root_id,
-            parent_id,
+            options.get("root_id") or inherited_root or task_id,
+            options.get("parent_id") or inherited_parent,
             self._reply_to() if plan.reply_to is None else plan.reply_to,
             priority,
             plan.delivery_mode,
         )
         return envelope, target
+
+    def plain_members(
+        self, plan: Plan, calls: Sequence[Mapping[str, Any]], group_id: str
+    ) -> list[Envelope]:
+        """The envelopes of ``calls`` of one task (signatures: their ``args`` and
+        ``kwargs`` are read), as members 0, 1... of group ``group_id``, each with a new
+        task id and no other option of its own: what :meth:`plain` gives each of them,
+        with what they share worked out once."""
+        encode = plan.template.encode
+        inherited_root, parent_id = _lineage()
+        reply_to = self._reply_to() if plan.reply_to is None else plan.reply_to
+        priority, delivery_mode = plan.priority, plan.delivery_mode
+        new_id = protocol.new_id
+        envelopes: list[Envelope] = []
+        for index, call in enumerate(calls):
+            task_id = new_id()
+            envelopes.append(encode(task_id, call["args"], call["kwargs"], group_id, index,
+                                    inherited_root or task_id, parent_id, reply_to, priority,
+                                    delivery_mode))
+        return envelopes
 
     def send_plain(
         self,
@@ -283,8 +306,7 @@ class Producer:
         countdown = options.get("countdown")
         if eta is None and countdown is not None:
             eta = as_datetime(float(countdown), relative=True)
-        parent = current_request()
-        in_task = parent.id is not None and not parent.called_directly
+        inherited_root, inherited_parent = _lineage()
         extra = dict(options.get("headers") or {})
         if options.get("acks_late") is not None:
             # Not a Celery header: Celery workers ignore it, ours ack late for this call.
@@ -297,8 +319,8 @@ class Producer:
             retries=int(options.get("retries") or 0),
             group=options.get("group_id"),
             group_index=options.get("group_index"),
-            root_id=options.get("root_id") or (parent.root_id if in_task else None) or task_id,
-            parent_id=options.get("parent_id") or (parent.id if in_task else None),
+            root_id=options.get("root_id") or inherited_root or task_id,
+            parent_id=options.get("parent_id") or inherited_parent,
             shadow=options.get("shadow"),
             time_limit=options.get("time_limit", conf.task_time_limit),
             soft_time_limit=options.get("soft_time_limit", conf.task_soft_time_limit),

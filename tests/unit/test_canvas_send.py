@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from tests.unit.producing import Capture, assert_same, general, make_app
 
 from conveyor import Conveyor
 from conveyor.canvas import Signature, chord, group, signature
+from conveyor.request import Request, request_context
 
 
 def clone_the_general_way(sig: Signature, args: Any = (), kwargs: Any = None,
@@ -94,6 +96,48 @@ def test_group_members_are_sent_as_single_calls_would_be(
         assert_same(envelope, expected)
         assert routing_key == target.routing_key
     assert all(not member.options for member in members[:1])  # the caller's are untouched
+
+
+BARE_CALLS = [((1, 2), None), ((), {"x": 1}), ((3,), {"y": [1, "é"]}), ((), None)]
+
+
+@pytest.mark.parametrize("shared", [
+    {},
+    {"queue": "shared"},
+    {"queue": "shared", "priority": 7, "ignore_result": True},
+    {"routing_key": "by-key", "time_limit": 30},
+    {"root_id": "the-root", "parent_id": "the-parent"},  # per call: each planned alone
+    {"eta": datetime(2040, 1, 1, tzinfo=UTC)},  # each goes on its own, delayed
+])
+@pytest.mark.parametrize("in_task", [False, True])
+def test_a_group_of_one_tasks_bare_calls_is_sent_as_single_calls_would_be(
+    app: tuple[Conveyor, Capture], shared: dict[str, Any], in_task: bool
+) -> None:
+    # ``group(task.s(...) for ...)``, the usual group, is sent with its plan and route
+    # looked up once for all its members: each message must still be the general one.
+    conveyor, capture = app
+    members = [Signature("proj.add", args, kwargs, app=conveyor) for args, kwargs in BARE_CALLS]
+    parent = Request(id="parent-id", root_id="root-id", called_directly=not in_task)
+    with request_context(parent):
+        result = group(members).apply_async(group_id="the-group", **shared)
+        sent = sent_by_id(capture)
+        assert len(capture.sent) == len(members)
+        if "eta" not in shared:  # published together, in order
+            assert [envelope.headers["id"] for envelope, *_ in capture.sent] == [
+                member_result.id for member_result in result]
+        for index, (member, member_result) in enumerate(zip(members, result, strict=True)):
+            envelope, routing_key, delay = sent[member_result.id]
+            options = {"task_id": member_result.id, "group_id": "the-group",
+                       "group_index": index, **shared}
+            expected, target = general(conveyor, member.task, member.args, member.kwargs,
+                                       options)
+            assert_same(envelope, expected)
+            assert routing_key == target.routing_key
+            assert (delay is None) == ("eta" not in shared)
+            if in_task and "root_id" not in shared:
+                assert (envelope.headers["root_id"], envelope.headers["parent_id"]) == (
+                    "root-id", "parent-id")
+    assert all(not member.options for member in members)  # the caller's are untouched
 
 
 def test_chord_header_members_carry_the_body(app: tuple[Conveyor, Capture]) -> None:
