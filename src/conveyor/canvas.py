@@ -41,8 +41,14 @@ _POSITION_OPTIONS = ("task_id", "group_id", "group_index", "chord", "chain", "pa
                      "root_id")
 
 
+_dict_init = dict.__init__
+
+
 class Signature(dict[str, Any]):
     """A task call that can be sent later, composed, or carried inside a message."""
+
+    # No instance dict: a group of a thousand calls makes a thousand signatures.
+    __slots__ = ("app",)
 
     def __init__(
         self,
@@ -55,13 +61,9 @@ class Signature(dict[str, Any]):
         immutable: bool = False,
         app: Conveyor | None = None,
     ) -> None:
-        super().__init__()
-        self["task"] = task
-        self["args"] = list(args)
-        self["kwargs"] = dict(kwargs) if kwargs else {}
-        self["options"] = dict(options) if options else {}
-        self["subtask_type"] = subtask_type
-        self["immutable"] = immutable
+        _dict_init(self, task=task, args=list(args), kwargs=dict(kwargs) if kwargs else {},
+                   options=dict(options) if options else {}, subtask_type=subtask_type,
+                   immutable=immutable)
         self.app = app
 
     # -- the wire fields ------------------------------------------------------------------
