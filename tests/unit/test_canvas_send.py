@@ -140,6 +140,47 @@ def test_a_group_of_one_tasks_bare_calls_is_sent_as_single_calls_would_be(
     assert all(not member.options for member in members)  # the caller's are untouched
 
 
+OPTION_POOL: list[tuple[str, Any]] = [
+    ("queue", "q1"), ("queue", "q2"), ("priority", 3), ("priority", 0), ("routing_key", "rk"),
+    ("exchange", ""), ("time_limit", 10), ("soft_time_limit", 5), ("ignore_result", True),
+    ("shadow", "sh"), ("retries", 2), ("root_id", "R"), ("parent_id", "P"),
+    ("delivery_mode", 1), ("reply_to", "rq"), ("origin", "o@h"), ("headers", {"x": 1}),
+    ("serializer", "json"), ("acks_late", True),
+]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_groups_are_sent_as_their_members_alone_would_be(seed: int) -> None:
+    # Members with and without options of their own, of one task or two, given options
+    # at the group, sent inside a task or not: each message is the general path's.
+    rng = random.Random(seed)
+    for _ in range(25):
+        conveyor, capture = make_app(
+            task_routes=rng.choice([None, {"proj.mul": {"queue": "mulq"}}]))
+        names = rng.choice([["proj.add"], ["proj.add", "proj.mul"]])
+        members = []
+        for index in range(rng.randint(1, 4)):
+            own = dict(rng.sample(OPTION_POOL, rng.randint(0, 2))) if rng.random() < 0.5 else {}
+            if rng.random() < 0.1:
+                own["task_id"] = f"chosen-{index}"
+            members.append(Signature(rng.choice(names), [rng.randint(0, 9)] * rng.randint(0, 2),
+                                     options=own, app=conveyor))
+        shared = dict(rng.sample(OPTION_POOL, rng.randint(0, 3)))
+        parent = Request(id="parent-id", root_id="root-id", called_directly=rng.random() < 0.7)
+        with request_context(parent):
+            result = group(members).apply_async(group_id="G", **shared)
+            sent = sent_by_id(capture)
+            for index, (member, member_result) in enumerate(zip(members, result, strict=True)):
+                options = {**member.options, "task_id": member_result.id, "group_id": "G",
+                           "group_index": index, **shared}
+                expected, target = general(conveyor, member.task, member.args, member.kwargs,
+                                           options)
+                envelope, routing_key, _ = sent[member_result.id]
+                assert_same(envelope, expected)
+                assert routing_key == target.routing_key
+        conveyor.close()
+
+
 def test_chord_header_members_carry_the_body(app: tuple[Conveyor, Capture]) -> None:
     conveyor, capture = app
     conveyor.configure(result_backend="memory://canvas-send")
