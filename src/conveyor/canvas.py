@@ -301,7 +301,7 @@ class group(Signature):  # noqa: N801 - Celery's name, used as a function
             merged = {**self.options, **options}
             group_id = str(merged.get("group_id") or new_id())
             ids = send_members(members, group_id, merged, app)
-            return GroupResult(group_id, [AsyncResult(i, app) for i in ids], app)
+            return GroupResult(group_id, [AsyncResult(str(i), app) for i in ids], app)
         call = self.clone(args, kwargs, **options)
         assert isinstance(call, group)
         result = call.freeze(options.get("group_id"))
