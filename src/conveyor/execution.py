@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import traceback as tb
@@ -214,12 +215,12 @@ def store_retry(task: BaseTask[Any, Any], request: Request, signal: Retry) -> bo
     return True
 
 
-def mark_started(task: BaseTask[Any, Any], request: Request, pid: int) -> None:
+def mark_started(task: BaseTask[Any, Any], request: Request) -> None:
     backend = task.app.backend
     if backend is None or request.id is None or not task.track_started:
         return
     if not should_store(task, request, states.STARTED):
         return
     _store(task, request, build_meta(
-        request.id, states.STARTED, {"pid": pid, "hostname": request.hostname},
+        request.id, states.STARTED, {"pid": os.getpid(), "hostname": request.hostname},
         request=request.as_meta_source()))

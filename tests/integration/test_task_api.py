@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -152,10 +153,12 @@ def test_backoff_grows_and_caps() -> None:
 
 def test_states_track_started_received_and_ignore_result(app: Conveyor) -> None:
     observed: list[str] = []
+    started_info: list[Any] = []
 
     @app.task(name="api.tracked", bind=True, track_started=True)
     def tracked(self: Any) -> str:
         observed.append(app.AsyncResult(self.request.id).state)
+        started_info.append(app.AsyncResult(self.request.id).info)
         return "done"
 
     @app.task(name="api.ignored", ignore_result=True)
@@ -168,6 +171,7 @@ def test_states_track_started_received_and_ignore_result(app: Conveyor) -> None:
     quiet = ignored.delay()
     testing.run_until_idle(app, timeout=10)
     assert observed == [states.STARTED]
+    assert started_info == [{"pid": os.getpid(), "hostname": started_info[0]["hostname"]}]
     assert waiting.get(timeout=5) == "done"
     assert quiet.state == states.PENDING
 

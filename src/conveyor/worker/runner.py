@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +65,7 @@ def prepare(app: Conveyor, job: Job) -> Prepared | JobResult:
                 job.task_id, states.FAILURE, exc, request={"task": job.task_name}))
         return JobResult(job.seq, states.FAILURE, invalid=True, reason=reason)
     request = _request(job, args, kwargs, embed)
-    mark_started(task, request, os.getpid())
+    mark_started(task, request)
     return Prepared(task, request, args, kwargs)
 
 
