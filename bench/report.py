@@ -269,8 +269,9 @@ def how_it_was_run(run: Run, argv: Sequence[str]) -> str:
         f"- **Enqueue, bulk**: {p.bulk_calls} calls of `group(noop.s() x {p.bulk_size:,})"
         ".apply_async()` (Dramatiq: `group(...).run()`) into a side queue, purged "
         "afterwards. Conveyor's `group` publishes its members in one broker operation "
-        "(`app.send_many`); Celery's and Dramatiq's send them one publish at a time over "
-        "one connection (neither has a batch publish). The bare client row is "
+        "(on Redis, one MULTI/EXEC transaction); Celery's and Dramatiq's send them one "
+        "publish at a time over one connection (neither has a batch publish). The bare "
+        "client row is "
         f"redis-py: {p.drain_n:,} single `LPUSH`es, then pipelines of {p.bulk_size:,} "
         f"(values of {task_message_bytes()} bytes, the size of a Conveyor `noop` message "
         "on Redis).",
