@@ -167,18 +167,21 @@ def test_random_groups_are_sent_as_their_members_alone_would_be(seed: int) -> No
                                      options=own, app=conveyor))
         shared = dict(rng.sample(OPTION_POOL, rng.randint(0, 3)))
         parent = Request(id="parent-id", root_id="root-id", called_directly=rng.random() < 0.7)
-        with request_context(parent):
-            result = group(members).apply_async(group_id="G", **shared)
-            sent = sent_by_id(capture)
-            for index, (member, member_result) in enumerate(zip(members, result, strict=True)):
-                options = {**member.options, "task_id": member_result.id, "group_id": "G",
-                           "group_index": index, **shared}
-                expected, target = general(conveyor, member.task, member.args, member.kwargs,
-                                           options)
-                envelope, routing_key, _ = sent[member_result.id]
-                assert_same(envelope, expected)
-                assert routing_key == target.routing_key
-        conveyor.close()
+        try:
+            with request_context(parent):
+                result = group(members).apply_async(group_id="G", **shared)
+                sent = sent_by_id(capture)
+                for index, (member, member_result) in enumerate(
+                        zip(members, result, strict=True)):
+                    options = {**member.options, "task_id": member_result.id, "group_id": "G",
+                               "group_index": index, **shared}
+                    expected, target = general(conveyor, member.task, member.args,
+                                               member.kwargs, options)
+                    envelope, routing_key, _ = sent[member_result.id]
+                    assert_same(envelope, expected)
+                    assert routing_key == target.routing_key
+        finally:
+            conveyor.close()
 
 
 def test_chord_header_members_carry_the_body(app: tuple[Conveyor, Capture]) -> None:
