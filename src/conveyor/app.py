@@ -46,6 +46,16 @@ class BoundTaskDecorator(Protocol):
     def __call__(self, fun: Callable[..., R], /) -> Task[..., R]: ...
 
 
+def _planned_once(shared: Mapping[str, Any]) -> bool:
+    """Whether options given once for many calls can be planned once for all of them:
+    not if they delay the calls (each then goes on its own), need checking (each call's
+    merged options are checked) or are per call (a root or parent id: each call's
+    options must carry it)."""
+    keys = shared.keys()
+    return (keys <= CALL_OPTIONS and keys.isdisjoint(PER_CALL_OPTIONS)
+            and shared.get("countdown") is None and shared.get("eta") is None)
+
+
 _pid_now = os.getpid()
 """This process's id, kept current by a fork hook: read on every broker and backend
 access, where a system call each time showed in profiles."""
@@ -259,12 +269,7 @@ class Conveyor:
         items: list[tuple[Envelope, str, str]] = []
         targets: list[Target] = []
         ids: list[str] = []
-        # Options given once are planned once, unless they delay the calls (each then
-        # goes on its own), need checking (each call's merged options are checked) or are
-        # per call (a root or parent id: each call's options must carry it).
-        hoisted = shared if shared and shared.keys() <= CALL_OPTIONS and (
-            shared.keys().isdisjoint(PER_CALL_OPTIONS)) and (
-            shared.get("countdown") is None and shared.get("eta") is None) else None
+        hoisted = shared if shared and _planned_once(shared) else None
         merged = shared if shared and hoisted is None else None
         last_name, last_plan = None, None  # for calls whose options are all per call
         for name, args, kwargs, own in calls:
@@ -319,9 +324,7 @@ class Conveyor:
         What :meth:`send_calls` does with such calls (a group of ``task.s(...)``), with
         the plan and route looked up once for all. None, with nothing sent, when the
         options need each call planned (or checked, or delayed) on its own."""
-        keys = shared.keys()
-        if not (keys <= CALL_OPTIONS and keys.isdisjoint(PER_CALL_OPTIONS)
-                and shared.get("countdown") is None and shared.get("eta") is None):
+        if not _planned_once(shared):
             return None
         producer = self.producer
         plan = producer.plan(name, shared)
