@@ -99,3 +99,63 @@ def test_close_sends_what_is_queued_and_stops_the_thread(broker: CountingBroker)
     assert not acker._thread.is_alive()
     assert sum(size for _, size in broker.batches) == 5
     assert leased_count(broker) == 0
+
+
+def test_acks_a_fetch_takes_along_are_not_sent_by_the_thread(broker: CountingBroker) -> None:
+    deliveries = leased(broker, 3)
+    acker = Acker(broker)
+    try:
+        acker.ack(deliveries)
+        riders = acker.riders()
+        assert riders is not None
+        assert riders.deliveries == deliveries
+        assert acker.riders() is None  # taken once
+        time.sleep(LINGER * 3)
+        assert broker.batches == []  # the thread woke, found nothing and sent nothing
+        # On the wire with the fetch: should the process die now, the supervisor must
+        # know to ack them again.
+        assert {d.tag for d in acker.unsent()} == {d.tag for d in deliveries}
+        broker.ack_many(riders.deliveries)  # what the broker does with the fetch
+        riders.done(True)
+        assert acker.unsent() == []
+    finally:
+        acker.close()
+    assert [size for _, size in broker.batches] == [3]  # the ride's only: none sent twice
+    assert leased_count(broker) == 0
+
+
+def test_acks_whose_ride_failed_are_sent_by_the_thread(broker: CountingBroker) -> None:
+    deliveries = leased(broker, 2)
+    acker = Acker(broker)
+    try:
+        acker.ack(deliveries)
+        riders = acker.riders()
+        assert riders is not None
+        riders.done(False)  # the connection broke, or Redis had lost the script
+        assert broker.acked.wait(5.0)
+        assert [size for _, size in broker.batches] == [2]
+        assert leased_count(broker) == 0
+        assert acker.unsent() == []
+    finally:
+        acker.close()
+
+
+def test_after_a_ride_the_next_ack_waits_its_own_linger(broker: CountingBroker) -> None:
+    first, second = leased(broker, 2)
+    acker = Acker(broker)
+    try:
+        acker.ack([first])  # wakes the thread, which lingers for it
+        time.sleep(LINGER * 0.6)
+        riders = acker.riders()
+        assert riders is not None
+        riders.done(True)
+        queued_at = time.monotonic()
+        acker.ack([second])
+        assert broker.acked.wait(5.0)
+        sent_at, size = broker.batches[0]
+        assert size == 1
+        # Sent when the first ack's linger ended, it would have waited only 0.4 of one,
+        # and a fetch about to leave could not have taken it along.
+        assert sent_at - queued_at >= LINGER * 0.9
+    finally:
+        acker.close()

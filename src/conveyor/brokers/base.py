@@ -46,6 +46,19 @@ class QueueStats:
     dead: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class RidingAcks:
+    """Acks a worker has queued, sent with a fetch ahead instead of on their own.
+
+    The broker that accepts them calls ``done`` once, when it knows their fate:
+    ``done(True)`` when the broker applied them, ``done(False)`` when it cannot tell (a
+    lost connection) or did not send them, and the worker then sends them the usual way.
+    Acks are idempotent, so sending one twice is harmless."""
+
+    deliveries: list[Delivery]
+    done: Callable[[bool], None]
+
+
 class Broker(ABC):
     """A connection to one broker, safe to use from several threads."""
 
@@ -113,14 +126,17 @@ class Broker(ABC):
     ) -> list[Delivery]: ...
 
     def fetch_ahead(
-        self, queues: Sequence[str], max_messages: int, note: Callable[[str], None]
+        self, queues: Sequence[str], max_messages: int, note: Callable[[str], None],
+        riders: RidingAcks | None = None,
     ) -> bool:
         """Send a fetch of up to ``max_messages`` and return without its reply, so the
         request travels while the caller runs a task; the next :meth:`fetch` (or
         :meth:`take_ahead`) reads it. ``note(fetch_id)`` is called before the request
         leaves: should the caller die before reading the reply, whoever settles for it
-        gives the messages back with :meth:`release_unread`. False where the broker has
-        no such thing (the default) or one is pending already; then nothing was sent."""
+        gives the messages back with :meth:`release_unread`. ``riders`` go in the same
+        write, and their ``done`` is called when the reply is read. False where the
+        broker has no such thing (the default) or one is pending already; then nothing
+        was sent and ``riders`` are still the caller's to send."""
         return False
 
     def take_ahead(self) -> list[Delivery]:

@@ -61,7 +61,7 @@ from typing import Any, cast
 
 import redis
 from conveyor.brokers import redis_scripts as scripts
-from conveyor.brokers.base import Broker, QueueStats
+from conveyor.brokers.base import Broker, QueueStats, RidingAcks
 from conveyor.brokers.idle_gate import IdleGate
 from conveyor.brokers.redis_layout import check_queue_name, decode_envelope
 from conveyor.brokers.redis_restore import ForeignRestorer
@@ -175,6 +175,8 @@ class _Ahead:
     connection: Any
     names: list[str]
     prefix: str
+    riders: RidingAcks | None
+    """Acks sent in the same write, just before the fetch: their reply comes first."""
 
 
 class RedisBroker(Broker):
@@ -464,7 +466,8 @@ class RedisBroker(Broker):
 
     # -- fetching ahead -------------------------------------------------------------------
     def fetch_ahead(
-        self, queues: Sequence[str], max_messages: int, note: Callable[[str], None]
+        self, queues: Sequence[str], max_messages: int, note: Callable[[str], None],
+        riders: RidingAcks | None = None,
     ) -> bool:
         names = unique_queue_names(queues, max_messages)
         self._check_pid()
@@ -475,7 +478,14 @@ class RedisBroker(Broker):
                 return False
             prefix = secrets.token_hex(6) + ":"
             keys, args = self._fetch_call(names, max_messages, prefix)
-            script = self._scripts["FETCH"]
+            commands = [("EVALSHA", self._scripts["FETCH"].sha, len(keys), *keys, *args)]
+            if riders is not None:
+                try:
+                    ack_keys, ack_args = self._ack_call(riders.deliveries)
+                except BrokerError:
+                    return False  # not ours to ack here; the usual way says why
+                commands.insert(0, ("EVALSHA", self._scripts["ACK"].sha, len(ack_keys),
+                                    *ack_keys, *ack_args))
             connection = self._ahead_connection
             if connection is None:
                 try:
@@ -484,14 +494,14 @@ class RedisBroker(Broker):
                     return False  # the usual fetch will meet the trouble and report it
             note(prefix)
             try:
-                send(connection, ("EVALSHA", script.sha, len(keys), *keys, *args))
+                send(connection, *commands)
             except redis.RedisError as exc:
                 # Whether Redis ran it or not, nobody will read the reply: what it may
                 # have taken goes back now. The connection opens again on its next use.
                 connection.disconnect()
                 self._release_lost_fetch(names, prefix, exc)
                 return False
-            self._ahead = _Ahead(connection, names, prefix)
+            self._ahead = _Ahead(connection, names, prefix, riders)
             return True
 
     def take_ahead(self) -> list[Delivery]:
@@ -505,6 +515,8 @@ class RedisBroker(Broker):
             if ahead is None:
                 return [], False
             try:
+                if ahead.riders is not None:
+                    self._read_riders(ahead.connection, ahead.riders)
                 reply = ahead.connection.read_response()
             except redis.exceptions.NoScriptError:
                 return [], False  # it did not run; the usual fetch loads the script
@@ -517,6 +529,27 @@ class RedisBroker(Broker):
                     raise
         deliveries, _, more = self._read_fetch_reply(ahead.names, reply, [])
         return deliveries, more
+
+    @staticmethod
+    def _read_riders(connection: Any, riders: RidingAcks) -> None:
+        """Read the reply of the acks sent before a fetch, and tell their sender."""
+        try:
+            connection.read_response()
+        except redis.ResponseError:
+            riders.done(False)  # not run (a script Redis lost): they go the usual way
+        except (redis.ConnectionError, redis.TimeoutError):
+            riders.done(False)  # whether they arrived is unknown
+            raise
+        except BaseException as exc:
+            riders.done(False)
+            # The fetch's reply must not be read as the next command's: the connection
+            # goes, and what the fetch took goes back as if it had broken.
+            connection.disconnect()
+            if isinstance(exc, redis.RedisError):
+                raise redis.ConnectionError(f"unreadable reply to acks: {exc}") from exc
+            raise
+        else:
+            riders.done(True)
 
     def _release_lost_fetch(self, names: list[str], prefix: str, exc: Exception) -> None:
         """The reply of a fetch sent ahead was lost with its connection: give back what
@@ -597,8 +630,11 @@ class RedisBroker(Broker):
         self.ack_many([delivery])
 
     def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        if not deliveries:
-            return
+        if deliveries:
+            self._run("ACK", *self._ack_call(deliveries))
+
+    def _ack_call(self, deliveries: Sequence[Delivery]) -> tuple[list[str], list[str]]:
+        """The keys and arguments of the ack script for ``deliveries``."""
         layout = self.layout
         keys = [layout.unacked, layout.unacked_index, layout.deliveries]
         args: list[str] = []
@@ -606,7 +642,7 @@ class RedisBroker(Broker):
             delivery_tag, queue = _held(delivery)
             keys.append(layout.leased(queue))
             args += [delivery_tag, delivery.tag]
-        self._run("ACK", keys, args)
+        return keys, args
 
     def reject(self, delivery: Delivery, *, requeue: bool, reason: str = "") -> None:
         (delivery_tag, queue), layout = _held(delivery), self.layout

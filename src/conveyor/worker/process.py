@@ -255,9 +255,14 @@ class ProcessWorker(Worker):
             return
         with self.consumer.lock:
             room = 0 if self.consumer.ready else self.room()
-        if room > 0 and self.app.broker.fetch_ahead(self.queue_names, room,
-                                                    self._note_unread):
+        if room <= 0:
+            return
+        # The acks queued since the acker's last batch go in the same write.
+        riders = self.consumer.acker.riders()
+        if self.app.broker.fetch_ahead(self.queue_names, room, self._note_unread, riders):
             self._asked_ahead = room
+        elif riders is not None:
+            riders.done(False)
 
     def _note_unread(self, fetch_id: str) -> None:
         with self._slot_lock:
