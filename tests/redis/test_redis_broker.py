@@ -393,3 +393,25 @@ def test_a_delivery_settles_from_the_reference_a_process_record_keeps(
         stray = Delivery(delivery.envelope, "q", "token", "", "q", False, 1, foreign)
         with pytest.raises(BrokerError, match="not issued by a Redis broker"):
             broker.ack(stray)
+
+
+def test_an_ack_leaves_an_entry_a_celery_worker_wrote_since_for_it_to_settle(
+    connect: Callable[..., RedisBroker], raw: redis.Redis, prefix: str
+) -> None:
+    broker = connect()
+    broker.publish(envelope("taken twice"), exchange="", routing_key="q")
+    [delivery] = broker.fetch(["q"], 1, timeout=0)
+    tag = delivery.broker_data[0]
+    ours = raw.hget(f"{prefix}unacked", tag)
+    assert ours is not None
+    # Our lease lapsed, a Celery worker restored the message and took it again: the
+    # entry under the same tag is now the one it wrote (here written with another
+    # spacing: another length).
+    payload, exchange, routing_key = json.loads(ours)
+    theirs = json.dumps([payload, exchange, routing_key], indent=1)
+    assert len(theirs) != len(ours)
+    raw.hset(f"{prefix}unacked", tag, theirs)
+    broker.ack(delivery)
+    assert broker.stats(["q"])[0].leased == 0  # our lease is settled
+    assert raw.hget(f"{prefix}unacked", tag) == theirs.encode()  # theirs is not
+    assert raw.zscore(f"{prefix}unacked_index", tag) is not None

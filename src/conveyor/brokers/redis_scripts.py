@@ -32,6 +32,12 @@ local function held_payload(unacked, tag, rec)
   return string.sub(entry, 2, rec.l + 1)
 end
 
+-- Whether the unacked entry is still the one this broker wrote, by its length alone:
+-- HSTRLEN reads no copy of the envelope into Lua, where acking needs no payload.
+local function holds_entry(unacked, tag, rec)
+  return rec.l ~= nil and redis.call('HSTRLEN', unacked, tag) == rec.s
+end
+
 local function save(records, tag, rec)
   redis.call('HSET', records, tag, cjson.encode(rec))
 end
@@ -207,7 +213,7 @@ for i = 1, #ARGV / 2 do
     redis.call('HDEL', records, tag)
     -- An entry someone else wrote since (a Celery worker that restored and took the
     -- message) is theirs to settle.
-    if held_payload(unacked, tag, rec) then
+    if holds_entry(unacked, tag, rec) then
       redis.call('HDEL', unacked, tag)
       redis.call('ZREM', index, tag)
       done = done + 1
