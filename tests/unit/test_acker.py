@@ -159,3 +159,27 @@ def test_after_a_ride_the_next_ack_waits_its_own_linger(broker: CountingBroker) 
         assert sent_at - queued_at >= LINGER * 0.9
     finally:
         acker.close()
+
+
+def test_acks_a_fetch_could_not_take_along_keep_their_age(broker: CountingBroker) -> None:
+    # A fetch that takes acks and then cannot send them (a queue it reads is Celery's
+    # fanout, its connection broke) hands them back: they leave when their first linger
+    # ends, not a linger after the hand-back. Else a worker whose every fetch fails so
+    # would hold its acks for as long as fetches keep coming.
+    broker.ack_linger = 0.2
+    (delivery,) = leased(broker, 1)
+    acker = Acker(broker)
+    try:
+        queued_at = time.monotonic()
+        acker.ack([delivery])
+        time.sleep(0.12)
+        riders = acker.riders()
+        assert riders is not None
+        time.sleep(0.04)
+        riders.done(False)
+        assert broker.acked.wait(5.0)
+        sent_at, size = broker.batches[0]
+        assert size == 1
+        assert 0.18 <= sent_at - queued_at < 0.3  # a restarted linger: about 0.36
+    finally:
+        acker.close()
