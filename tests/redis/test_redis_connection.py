@@ -361,3 +361,14 @@ def test_send_leaves_what_it_cannot_pack_to_redis_py_which_refuses_it() -> None:
     connection = redis.Connection()
     with pytest.raises(redis.DataError):
         send(connection, ("SET", "k", {"a": 1}))
+
+
+def test_send_writes_several_commands_in_one_buffer_as_redis_py_packs_them() -> None:
+    commands = [("EVALSHA", "a" * 40, 1, "k", "t1"), ("LPUSH", "q", b"\x00" * 10), ("GET", "")]
+    writes: list[list[bytes]] = []
+    connection = redis.Connection()
+    connection.send_packed_command = lambda command, check_health=True: writes.append(list(command))  # type: ignore[method-assign]
+    send(connection, *commands)
+    assert [len(write) for write in writes] == [1]  # one buffer, one system call
+    expected = b"".join(b"".join(connection.pack_command(*args)) for args in commands)
+    assert writes[0][0] == expected
