@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote
@@ -86,9 +87,13 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
 _INHERITED: list[sqlite3.Connection] = []
 
 
-def _close_if_owner(connection: sqlite3.Connection, owner_pid: int) -> None:
+def _close_if_owner(connection: sqlite3.Connection, owner_pid: int,
+                    in_use: threading.RLock) -> None:
     if os.getpid() == owner_pid:
-        connection.close()
+        # Never while its thread runs a statement on it: closing a connection another
+        # thread is using can crash the interpreter inside sqlite3.
+        with in_use:
+            connection.close()
     else:
         _INHERITED.append(connection)
 
@@ -96,11 +101,12 @@ def _close_if_owner(connection: sqlite3.Connection, owner_pid: int) -> None:
 class _ThreadConnection:
     """One thread's connection; when the thread ends, its finalizer closes it."""
 
-    __slots__ = ("__weakref__", "connection", "epoch")
+    __slots__ = ("__weakref__", "connection", "epoch", "in_use")
 
     def __init__(self, connection: sqlite3.Connection, epoch: int) -> None:
         self.connection = connection
         self.epoch = epoch
+        self.in_use = threading.RLock()
 
 
 class ThreadConnections:
@@ -118,20 +124,35 @@ class ThreadConnections:
         self._epoch = 0  # close_all() bumps it; connections of older epochs are closed
         self._finalizers: set[weakref.finalize[Any, Any]] = set()
 
+    @contextmanager
+    def using(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, which :meth:`close_all` leaves open meanwhile."""
+        while True:
+            holder = self._holder()
+            with holder.in_use:
+                if holder.epoch == self._epoch:  # not closed since it was looked up
+                    yield holder.connection
+                    return
+
     def get(self) -> sqlite3.Connection:
-        """This thread's connection."""
+        """This thread's connection, opened if need be; statements go through
+        :meth:`using`."""
+        return self._holder().connection
+
+    def _holder(self) -> _ThreadConnection:
         if os.getpid() != self._pid:
             self._start_process_state()
         holder: _ThreadConnection | None = getattr(self._local, "holder", None)
         if holder is not None and holder.epoch == self._epoch:
-            return holder.connection
+            return holder
         connection = self._connect()
         with self._lock:
             holder = _ThreadConnection(connection, self._epoch)
             self._finalizers = {f for f in self._finalizers if f.alive}
-            self._finalizers.add(weakref.finalize(holder, _close_if_owner, connection, self._pid))
+            self._finalizers.add(weakref.finalize(holder, _close_if_owner, connection,
+                                                  self._pid, holder.in_use))
         self._local.holder = holder
-        return connection
+        return holder
 
     def close_all(self) -> None:
         """Close every thread's connection; a later :meth:`get` opens a new one."""
@@ -297,16 +318,18 @@ class SqliteStore:
     # -- running statements -----------------------------------------------------------------
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in one write transaction on this thread's connection."""
-        return self._transaction(self.connections.get(), "BEGIN IMMEDIATE", work)
+        with self.connections.using() as connection:
+            return self._transaction(connection, "BEGIN IMMEDIATE", work)
 
     def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in one read transaction (one snapshot) on this thread's connection."""
-        return self._transaction(self.connections.get(), "BEGIN", work)
+        with self.connections.using() as connection:
+            return self._transaction(connection, "BEGIN", work)
 
     def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` outside a transaction: each statement commits on its own."""
-        connection = self.connections.get()
-        return self._retry(lambda: work(connection))
+        with self.connections.using() as connection:
+            return self._retry(lambda: work(connection))
 
     def check(self) -> None:
         """Raise ``unavailable`` unless the file can be read now."""
